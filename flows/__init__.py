@@ -1,0 +1,1 @@
+"""Prefect: the nightly labeling flow, its deployment and its artifacts."""

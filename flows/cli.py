@@ -1,0 +1,17 @@
+"""The `mixer-label` console script: the data-plane commands plus the Prefect ones."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pipeline import cli as pipeline_cli
+
+COMMANDS = [*pipeline_cli.COMMANDS]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return pipeline_cli.main(argv, COMMANDS)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

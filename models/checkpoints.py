@@ -1,0 +1,354 @@
+"""Read and write Mixer weights: official `.npz`, timm state dicts, and our own safetensors.
+
+One key table per foreign format, a shape check per key, and an error that names the file and
+the key. Conv kernels arrive HWIO (Flax) and become OIHW; Dense kernels arrive (in, out) and
+become Linear weights (out, in); LayerNorm `scale` becomes `weight`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import pickle
+import re
+import struct
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.mixer import MixerConfig, MlpMixer, build_preset, preset_config
+from models.preprocessing import Preprocessing
+
+FORMAT_TAG = "mixer-label/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be turned into an MlpMixer; the message names file and key."""
+
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def _same(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def _dense(a: np.ndarray) -> np.ndarray:  # Flax (in, out) -> torch Linear (out, in)
+    return a.T
+
+
+def _conv(a: np.ndarray) -> np.ndarray:  # Flax HWIO -> torch OIHW
+    return a.transpose(3, 2, 0, 1)
+
+
+# Our parameter name -> (official npz key, transform). `{i}` is the block index.
+NPZ_GLOBAL = {
+    "stem.weight": ("stem/kernel", _conv),
+    "stem.bias": ("stem/bias", _same),
+    "pre_head_norm.weight": ("pre_head_layer_norm/scale", _same),
+    "pre_head_norm.bias": ("pre_head_layer_norm/bias", _same),
+    "head.weight": ("head/kernel", _dense),
+    "head.bias": ("head/bias", _same),
+}
+NPZ_BLOCK = {
+    "token_norm.weight": ("LayerNorm_0/scale", _same),
+    "token_norm.bias": ("LayerNorm_0/bias", _same),
+    "token_mixing.fc1.weight": ("token_mixing/Dense_0/kernel", _dense),
+    "token_mixing.fc1.bias": ("token_mixing/Dense_0/bias", _same),
+    "token_mixing.fc2.weight": ("token_mixing/Dense_1/kernel", _dense),
+    "token_mixing.fc2.bias": ("token_mixing/Dense_1/bias", _same),
+    "channel_norm.weight": ("LayerNorm_1/scale", _same),
+    "channel_norm.bias": ("LayerNorm_1/bias", _same),
+    "channel_mixing.fc1.weight": ("channel_mixing/Dense_0/kernel", _dense),
+    "channel_mixing.fc1.bias": ("channel_mixing/Dense_0/bias", _same),
+    "channel_mixing.fc2.weight": ("channel_mixing/Dense_1/kernel", _dense),
+    "channel_mixing.fc2.bias": ("channel_mixing/Dense_1/bias", _same),
+}
+NPZ_BLOCK_PREFIX = "MixerBlock_{i}/"
+
+# Our parameter name -> timm `mixer_*` name; timm's layout already matches torch's.
+TIMM_GLOBAL = {
+    "stem.weight": "stem.proj.weight",
+    "stem.bias": "stem.proj.bias",
+    "pre_head_norm.weight": "norm.weight",
+    "pre_head_norm.bias": "norm.bias",
+    "head.weight": "head.weight",
+    "head.bias": "head.bias",
+}
+TIMM_BLOCK = {
+    "token_norm.weight": "norm1.weight",
+    "token_norm.bias": "norm1.bias",
+    "token_mixing.fc1.weight": "mlp_tokens.fc1.weight",
+    "token_mixing.fc1.bias": "mlp_tokens.fc1.bias",
+    "token_mixing.fc2.weight": "mlp_tokens.fc2.weight",
+    "token_mixing.fc2.bias": "mlp_tokens.fc2.bias",
+    "channel_norm.weight": "norm2.weight",
+    "channel_norm.bias": "norm2.bias",
+    "channel_mixing.fc1.weight": "mlp_channels.fc1.weight",
+    "channel_mixing.fc1.bias": "mlp_channels.fc1.bias",
+    "channel_mixing.fc2.weight": "mlp_channels.fc2.weight",
+    "channel_mixing.fc2.bias": "mlp_channels.fc2.bias",
+}
+TIMM_BLOCK_PREFIX = "blocks.{i}."
+
+# The published checkpoints' preprocessing (design.md); timm resizes bicubic.
+OFFICIAL_PREPROCESSING = Preprocessing(224, 0.875, "bilinear")
+TIMM_PREPROCESSING = Preprocessing(224, 0.875, "bicubic")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def detect_format(path: Path) -> str:
+    """'npz', 'torch' or 'safetensors', from the bytes, not the file name."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(n.endswith(".npy") for n in names):
+            return "npz"
+        if any(n.endswith("data.pkl") for n in names):
+            return "torch"
+    elif head[:1] == b"\x80":  # a bare pickle: torch's legacy format
+        return "torch"
+    elif len(head) >= 9 and head[8:9] == b"{":
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if header_len < path.stat().st_size:
+            return "safetensors"
+    raise CheckpointError(
+        f"{path}: unknown checkpoint format (expected official .npz, timm .pth or .safetensors)"
+    )
+
+
+def load_checkpoint(path: str | Path) -> MlpMixer:
+    """Read a checkpoint file of any supported format into an MlpMixer in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    kind = detect_format(path)
+    if kind == "npz":
+        model = _load_npz(path)
+    elif kind == "torch":
+        model = _load_timm(path, _read_torch(path))
+    else:
+        model = _load_safetensors(path)
+    model.sha256 = file_sha256(path)
+    return model.eval()
+
+
+def resolve_model(spec: str | Path) -> MlpMixer:
+    """A checkpoint path, or a preset name ("B/16") with seeded random weights."""
+    if Path(spec).exists():
+        return load_checkpoint(spec)
+    try:
+        preset_config(str(spec))
+    except KeyError:
+        raise CheckpointError(f"{spec}: neither a checkpoint file nor a preset name") from None
+    return build_preset(str(spec))
+
+
+def save_checkpoint(model: MlpMixer, path: str | Path) -> str:
+    """Write our safetensors format (config, labels, preprocessing in its header); return sha256."""
+    from safetensors.torch import save_file
+
+    metadata = {
+        "format": FORMAT_TAG,
+        "name": model.name,
+        "config": json.dumps(model.config.to_dict()),
+        "preprocessing": json.dumps(model.preprocessing.to_dict()),
+        "label_names": json.dumps(model.label_names),
+    }
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    model.sha256 = file_sha256(path)
+    return model.sha256
+
+
+# --- official npz -------------------------------------------------------------------------
+
+
+def _load_npz(path: Path) -> MlpMixer:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {_strip_prefix(k): archive[k] for k in archive.files}
+    except ValueError as err:  # numpy refuses object (pickled) arrays
+        raise CheckpointError(f"{path}: refused a pickled array in the .npz ({err})") from None
+    config = _npz_geometry(path, arrays)
+    table = _expand(NPZ_GLOBAL, NPZ_BLOCK, NPZ_BLOCK_PREFIX, config.num_blocks)
+    state = {}
+    for ours, (theirs, transform) in table.items():
+        state[ours] = _take(path, arrays, theirs, transform)
+    return _assemble(path, config, state, OFFICIAL_PREPROCESSING.replace_size(config.image_size))
+
+
+def _strip_prefix(key: str) -> str:
+    # Some exports nest everything under "params/" or "opt/target/"; the layout is the same.
+    for prefix in ("opt/target/", "params/"):
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def _npz_geometry(path: Path, arrays: Mapping[str, np.ndarray]) -> MixerConfig:
+    stem = _require(path, arrays, "stem/kernel")
+    token = _require(path, arrays, "MixerBlock_0/token_mixing/Dense_0/kernel")
+    channel = _require(path, arrays, "MixerBlock_0/channel_mixing/Dense_0/kernel")
+    head = _require(path, arrays, "head/kernel")
+    blocks = _count_blocks(arrays, r"MixerBlock_(\d+)/")
+    return MixerConfig(
+        patch_size=stem.shape[0],
+        hidden_dim=stem.shape[3],
+        num_blocks=blocks,
+        tokens_mlp_dim=token.shape[1],
+        channels_mlp_dim=channel.shape[1],
+        num_classes=head.shape[1],
+        image_size=_image_size(path, token.shape[0], stem.shape[0]),
+        gelu="tanh",
+    )
+
+
+# --- timm state dicts -----------------------------------------------------------------------
+
+
+def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{path}: refused a pickled payload that is not plain tensors ({first_line})"
+        ) from None
+    for wrapper in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(payload, dict) and isinstance(payload.get(wrapper), dict):
+            payload = payload[wrapper]
+    if not isinstance(payload, dict) or not all(
+        isinstance(v, torch.Tensor) for v in payload.values()
+    ):
+        raise CheckpointError(f"{path}: expected a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in payload.items()}
+
+
+def _load_timm(path: Path, tensors: Mapping[str, torch.Tensor]) -> MlpMixer:
+    arrays = {k: v.detach().float().numpy() for k, v in tensors.items()}
+    stem = _require(path, arrays, "stem.proj.weight")
+    token = _require(path, arrays, "blocks.0.mlp_tokens.fc1.weight")
+    channel = _require(path, arrays, "blocks.0.mlp_channels.fc1.weight")
+    head = _require(path, arrays, "head.weight")
+    config = MixerConfig(
+        patch_size=stem.shape[2],
+        hidden_dim=stem.shape[0],
+        num_blocks=_count_blocks(arrays, r"blocks\.(\d+)\."),
+        tokens_mlp_dim=token.shape[0],
+        channels_mlp_dim=channel.shape[0],
+        num_classes=head.shape[0],
+        image_size=_image_size(path, token.shape[1], stem.shape[2]),
+        gelu="erf",  # timm's nn.GELU default
+    )
+    table = _expand(TIMM_GLOBAL, TIMM_BLOCK, TIMM_BLOCK_PREFIX, config.num_blocks)
+    state = {ours: _take(path, arrays, theirs, _same) for ours, theirs in table.items()}
+    preprocessing = TIMM_PREPROCESSING.replace_size(config.image_size)
+    return _assemble(path, config, state, preprocessing)
+
+
+# --- our safetensors ------------------------------------------------------------------------
+
+
+def _load_safetensors(path: Path) -> MlpMixer:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as err:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+    if metadata.get("format") != FORMAT_TAG:
+        if "stem.proj.weight" in tensors:  # timm weights saved as safetensors
+            return _load_timm(path, tensors)
+        raise CheckpointError(f"{path}: safetensors header lacks format={FORMAT_TAG!r}")
+    try:
+        config = MixerConfig.from_dict(json.loads(metadata["config"]))
+        preprocessing = Preprocessing.from_dict(json.loads(metadata["preprocessing"]))
+        label_names = json.loads(metadata["label_names"])
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: bad header entry: {err}") from None
+    arrays = {k: v.float().numpy() for k, v in tensors.items()}
+    expected = MlpMixer(config).state_dict().keys()
+    state = {k: _take(path, arrays, k, _same) for k in expected}
+    return _assemble(
+        path, config, state, preprocessing, label_names, metadata.get("name") or path.stem
+    )
+
+
+# --- shared helpers -------------------------------------------------------------------------
+
+
+def _expand(global_table: dict, block_table: dict, block_prefix: str, blocks: int) -> dict:
+    table = dict(global_table)
+    for i in range(blocks):
+        theirs_prefix = block_prefix.format(i=i)
+        for ours, theirs in block_table.items():
+            if isinstance(theirs, tuple):
+                table[f"blocks.{i}.{ours}"] = (theirs_prefix + theirs[0], theirs[1])
+            else:
+                table[f"blocks.{i}.{ours}"] = theirs_prefix + theirs
+    return table
+
+
+def _require(path: Path, arrays: Mapping[str, np.ndarray], key: str) -> np.ndarray:
+    if key not in arrays:
+        raise CheckpointError(f"{path}: missing key {key!r}")
+    return arrays[key]
+
+
+def _take(path: Path, arrays: Mapping, key: str, transform: Transform) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(transform(_require(path, arrays, key)))).float()
+
+
+def _count_blocks(arrays: Mapping[str, object], pattern: str) -> int:
+    indices = {int(m.group(1)) for k in arrays if (m := re.match(pattern, k))}
+    return max(indices) + 1 if indices else 0
+
+
+def _image_size(path: Path, num_tokens: int, patch: int) -> int:
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise CheckpointError(f"{path}: {num_tokens} tokens is not a square grid of patches")
+    return side * patch
+
+
+def _assemble(
+    path: Path,
+    config: MixerConfig,
+    state: dict[str, torch.Tensor],
+    preprocessing: Preprocessing,
+    label_names: list[str] | None = None,
+    name: str | None = None,
+) -> MlpMixer:
+    model = MlpMixer(config, preprocessing, label_names, name=name or path.stem)
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{path}: key {key!r} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(expected[key].shape)}"
+            )
+    missing = set(expected) - set(state)
+    if missing:
+        raise CheckpointError(f"{path}: missing key {sorted(missing)[0]!r}")
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,1 @@
+"""Data plane: shards in, predictions out. Builds on models/; knows nothing of Prefect."""

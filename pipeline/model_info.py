@@ -1,0 +1,28 @@
+"""`mixer-label model info CHECKPOINT|PRESET`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.cli import UserFacingError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    info = actions.add_parser("info", help="config, parameters, GMACs, sha256, preprocessing")
+    info.add_argument("model", help="checkpoint file (.npz, .pth, .safetensors) or preset (B/16)")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def main(args: argparse.Namespace) -> int:
+    from models.checkpoints import CheckpointError, resolve_model
+    from models.summary import describe, format_description
+
+    try:
+        model = resolve_model(args.model)
+    except CheckpointError as err:
+        raise UserFacingError(str(err)) from None
+    info = describe(model)
+    print(json.dumps(info, indent=2) if args.json else format_description(info))
+    return 0

@@ -1,0 +1,183 @@
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.checkpoints import (
+    NPZ_BLOCK,
+    NPZ_BLOCK_PREFIX,
+    NPZ_GLOBAL,
+    CheckpointError,
+    load_checkpoint,
+    resolve_model,
+    save_checkpoint,
+)
+from models.mixer import PRESETS, MlpMixer, build_preset
+from models.preprocessing import Preprocessing
+
+OFFICIAL = Path(__file__).parent / "data" / "official_small"
+
+
+def official_logits():
+    images = np.load(OFFICIAL / "input_nhwc.npy", allow_pickle=False)
+    return torch.from_numpy(images).permute(0, 3, 1, 2), np.load(OFFICIAL / "logits.npy")
+
+
+def test_official_npz_matches_the_authors_flax_code():
+    model = load_checkpoint(OFFICIAL / "params.npz")
+    c = model.config
+    assert (c.image_size, c.patch_size, c.hidden_dim, c.num_blocks) == (48, 8, 96, 2)
+    assert (c.tokens_mlp_dim, c.channels_mlp_dim, c.num_classes, c.gelu) == (48, 192, 7, "tanh")
+    images, expected = official_logits()
+    with torch.no_grad():
+        logits = model(images).numpy()
+    assert np.abs(logits - expected).max() <= 1e-5
+
+
+def test_exact_gelu_would_miss_the_official_logits():
+    # Guards the test above: the tolerance is tight enough to tell the two GELUs apart.
+    model = load_checkpoint(OFFICIAL / "params.npz")
+    erf = MlpMixer(model.config.replace(gelu="erf")).eval()
+    erf.load_state_dict(model.state_dict())
+    images, expected = official_logits()
+    with torch.no_grad():
+        assert np.abs(erf(images).numpy() - expected).max() > 1e-5
+
+
+def write_npz(model: MlpMixer, path: Path, drop: str | None = None, **extra) -> None:
+    """Our model written in the official layout, inverting the loader's table by hand."""
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    arrays = {}
+    for ours, (theirs, _) in NPZ_GLOBAL.items():
+        arrays[theirs] = state[ours]
+    for i in range(model.config.num_blocks):
+        for ours, (theirs, _) in NPZ_BLOCK.items():
+            arrays[NPZ_BLOCK_PREFIX.format(i=i) + theirs] = state[f"blocks.{i}.{ours}"]
+    for key, value in arrays.items():
+        if key.endswith("kernel"):
+            arrays[key] = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+    arrays.update(extra)
+    if drop:
+        del arrays[drop]
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("classes", [1000, 21843, 10])
+def test_npz_round_trip_any_class_count(tmp_path, classes):
+    model = build_preset("tiny", num_classes=classes)
+    write_npz(model, tmp_path / "m.npz")
+    loaded = load_checkpoint(tmp_path / "m.npz")
+    assert loaded.config == model.config
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-6)
+    assert len(loaded.sha256) == 64
+
+
+def test_npz_missing_key_names_file_and_key(tmp_path):
+    write_npz(build_preset("tiny"), tmp_path / "m.npz", drop="MixerBlock_1/LayerNorm_1/scale")
+    with pytest.raises(CheckpointError, match=r"m\.npz.*MixerBlock_1/LayerNorm_1/scale"):
+        load_checkpoint(tmp_path / "m.npz")
+
+
+def test_npz_wrong_shape_names_the_key(tmp_path):
+    model = build_preset("tiny")
+    write_npz(model, tmp_path / "m.npz", **{"MixerBlock_0/LayerNorm_0/bias": np.zeros(5)})
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.token_norm\.bias.*shape"):
+        load_checkpoint(tmp_path / "m.npz")
+
+
+def test_npz_with_pickled_array_is_refused(tmp_path):
+    path = tmp_path / "evil.npz"
+    np.savez(path, **{"stem/kernel": np.array([object()], dtype=object)})
+    with pytest.raises(CheckpointError, match="evil.npz.*pickled"):
+        load_checkpoint(path)
+
+
+def timm_state_dict(model: MlpMixer) -> dict[str, torch.Tensor]:
+    renames = {
+        "stem.": "stem.proj.",
+        "token_norm": "norm1",
+        "channel_norm": "norm2",
+        "token_mixing": "mlp_tokens",
+        "channel_mixing": "mlp_channels",
+        "pre_head_norm": "norm",
+    }
+    out = {}
+    for key, value in model.state_dict().items():
+        for ours, theirs in renames.items():
+            key = key.replace(ours, theirs)
+        out[key] = value
+    return out
+
+
+def test_timm_state_dict_loads_with_exact_gelu(tmp_path):
+    model = build_preset("tiny", gelu="erf")
+    torch.save({"state_dict": timm_state_dict(model)}, tmp_path / "m.pth")
+    loaded = load_checkpoint(tmp_path / "m.pth")
+    assert loaded.config.gelu == "erf"
+    assert loaded.preprocessing.interpolation == "bicubic"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-6)
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickled_code_in_a_pth_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "extra": Payload()}, path)
+    with pytest.raises(CheckpointError, match="evil.pth.*pickled"):
+        load_checkpoint(path)
+    assert "must never run" not in capsys.readouterr().out
+
+
+def test_bare_legacy_pickle_is_refused(tmp_path):
+    path = tmp_path / "legacy.pt"
+    path.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match="legacy.pt"):
+        load_checkpoint(path)
+
+
+def test_own_format_keeps_config_labels_and_preprocessing(tmp_path):
+    model = build_preset("tiny")
+    model.label_names = [f"digit {i}" for i in range(10)]
+    model.preprocessing = Preprocessing(32, 1.0, "bicubic", (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    model.name = "digits"
+    sha = save_checkpoint(model, tmp_path / "m.safetensors")
+    loaded = load_checkpoint(tmp_path / "m.safetensors")
+    assert loaded.sha256 == sha
+    assert loaded.config == model.config
+    assert loaded.label_names == model.label_names
+    assert loaded.preprocessing == model.preprocessing
+    assert loaded.name == "digits"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_unknown_format_and_missing_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello, not weights")
+    with pytest.raises(CheckpointError, match="notes.txt.*unknown checkpoint format"):
+        load_checkpoint(tmp_path / "notes.txt")
+    with pytest.raises(CheckpointError, match="nope.npz.*no such"):
+        load_checkpoint(tmp_path / "nope.npz")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("readme.md", "a zip, but not weights")
+    (tmp_path / "other.zip").write_bytes(buffer.getvalue())
+    with pytest.raises(CheckpointError, match="other.zip"):
+        load_checkpoint(tmp_path / "other.zip")
+
+
+def test_resolve_model_takes_presets_and_files(tmp_path):
+    assert resolve_model("tiny").config == PRESETS["tiny"]
+    with pytest.raises(CheckpointError, match="neither a checkpoint file nor a preset"):
+        resolve_model("no-such-model")
