@@ -95,3 +95,85 @@ def ray_local(s3_server: S3Server) -> Iterator[object]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@dataclass
+class PrefectServer:
+    """A real `prefect server start` (API and UI) with its own PREFECT_HOME and sqlite db."""
+
+    api_url: str
+    ui_url: str
+    home: str
+    log_path: str
+
+    def log_tail(self, chars: int = 4000) -> str:
+        with open(self.log_path, errors="replace") as log:
+            return log.read()[-chars:]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """Prefect's API and UI on a free loopback port; PREFECT_API_URL points this process and its
+    children (served runs, workers) at it. The whole process group is killed afterwards."""
+    import signal
+    import urllib.request
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    patch = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+        "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+    }
+    saved = {k: os.environ.get(k) for k in patch}
+    os.environ.update(patch)
+    log_path = home / "server.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - kept open for the server's lifetime
+    prefect_cli = os.path.join(os.path.dirname(sys.executable), "prefect")
+    process = subprocess.Popen(
+        [prefect_cli, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, so teardown reaches every child
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"prefect server exited with {process.returncode}: "
+                    f"{log_path.read_text(errors='replace')[-2000:]}"
+                )
+            try:
+                with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"prefect server on port {port} not healthy within 120 s")
+            time.sleep(0.5)
+
+        from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: api_url, PREFECT_HOME: str(home)}):
+            yield PrefectServer(api_url, f"http://127.0.0.1:{port}", str(home), str(log_path))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        log.close()
