@@ -1,0 +1,180 @@
+"""What a person reads about a run in the Prefect UI: summary, class counts, progress, drift.
+
+Formatting is plain functions over the run summary dict (`RunSummary.to_dict()`) and a
+`DriftReport`, tested without a server; `publish_*` and `ShardProgress` send them to Prefect.
+Nothing here sees a credential: URIs are shown with any `user:password@` part removed.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+from uuid import UUID
+
+from flows.drift import DriftReport, class_shift_rows
+
+# Artifact keys may hold only lowercase letters, digits and dashes; Prefect keeps one history
+# per key, so each output location gets its own.
+_KEY_CHARS = re.compile(r"[^a-z0-9]+")
+_USERINFO = re.compile(r"(?<=://)[^/@]*@")
+
+
+def artifact_key(kind: str, output_uri: str) -> str:
+    """A stable artifact key for one kind of artifact of one output location."""
+    slug = _KEY_CHARS.sub("-", redact_uri(output_uri).lower()).strip("-")
+    return f"{kind}-{slug}"[:120].rstrip("-")
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without a `user:password@` part, should anyone have put one there."""
+    return _USERINFO.sub("", uri)
+
+
+def _int(n: Any) -> str:
+    return f"{int(n):,}"
+
+
+def summary_markdown(
+    summary: Mapping[str, Any], drift: DriftReport | None = None, partition_uri: str | None = None
+) -> str:
+    """The run at a glance: status line, drift warning, counts, speed, model, where output went."""
+    images, errors = int(summary["images"]), int(summary["errors"])
+    failed = int(summary["shards_failed"])
+    status = "completed" if failed == 0 else f"**{failed} shard(s) failed**"
+    lines = [f"# Labeling run {summary['date']}: {status}", ""]
+    if drift is not None:
+        lines += [f"> **⚠️ DRIFT WARNING:** {warning}" for warning in drift.warnings]
+        if drift.warnings:
+            lines.append("")
+    error_share = f" ({errors / images:.1%})" if images else ""
+    lines += [
+        "| | |",
+        "|---|---|",
+        f"| images | {_int(images)} |",
+        f"| errors | {_int(errors)}{error_share} |",
+        f"| images/s | {float(summary['images_per_s']):,.1f} |",
+        f"| wall time | {float(summary['seconds']):,.1f} s |",
+        f"| shards | {_int(summary['shards_total'])} total, {_int(summary['shards_done'])} labeled,"
+        f" {_int(summary['shards_skipped'])} skipped (already done), {_int(failed)} failed |",
+        f"| model | `{summary['model']}` |",
+        f"| model sha256 | `{summary['model_sha256']}` |",
+        f"| backend | {summary['backend']} ({summary['precision']}) |",
+        f"| input | `{redact_uri(str(summary['input_uri']))}` |",
+        f"| output | `{redact_uri(partition_uri or str(summary['output_uri']))}` |",
+        f"| run id | `{summary['run_id']}` |",
+    ]
+    if drift is not None:
+        lines += ["", *drift_markdown(drift).splitlines()]
+    failed_shards = summary.get("failed_shards") or []
+    if failed_shards:
+        lines += ["", "## Failed shards", ""]
+        lines += [f"- `{item['shard']}`: {item['error']}" for item in failed_shards]
+    return "\n".join(lines) + "\n"
+
+
+def drift_markdown(drift: DriftReport) -> str:
+    """The drift section: PSI and mean score against the previous partition, or why not."""
+    previous = drift.previous
+    if previous is None:
+        return "## Drift\n\nNo earlier partition to compare with.\n"
+    lines = [f"## Drift against {previous.date}", ""]
+    if drift.psi is None:
+        lines.append(f"Not computed: {previous.date} or this night has no labeled image.")
+        return "\n".join(lines) + "\n"
+    lines += [
+        "| | this night | previous | change | threshold |",
+        "|---|---|---|---|---|",
+        f"| labeled images | {_int(drift.current.images)} | {_int(previous.images)} | | |",
+        f"| class PSI | {drift.psi:.4f} | | | {drift.psi_threshold:g} |",
+    ]
+    if drift.mean_score_change is not None:
+        lines.append(
+            f"| mean score | {drift.current.mean_score:.4f} | {previous.mean_score:.4f} "
+            f"| {drift.mean_score_change:+.4f} | ±{drift.score_change_threshold:g} |"
+        )
+    lines += ["", "**Drift warning.**" if drift.drifted else "Within thresholds."]
+    return "\n".join(lines) + "\n"
+
+
+def class_count_rows(
+    class_counts: Mapping[str, int], drift: DriftReport | None = None
+) -> list[dict[str, object]]:
+    """One row per class, most frequent first; with the previous night's share when known."""
+    if drift is not None:
+        return class_shift_rows(drift)
+    total = sum(class_counts.values())
+    ordered = sorted(class_counts.items(), key=lambda item: (-item[1], item[0]))
+    return [
+        {"class": name, "count": n, "share": round(n / total, 4) if total else 0.0}
+        for name, n in ordered
+    ]
+
+
+def publish_run_artifacts(
+    summary: Mapping[str, Any], drift: DriftReport | None, partition_uri: str | None = None
+) -> dict[str, UUID]:
+    """Create the summary (markdown) and class-count (table) artifacts; returns their ids."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    output = str(summary["output_uri"])
+    date = summary["date"]
+    ids = {
+        "summary": create_markdown_artifact(
+            markdown=summary_markdown(summary, drift, partition_uri),
+            key=artifact_key("labeling-summary", output),
+            description=f"Labeling run {date}: images, errors, speed, model, drift",
+        )
+    }
+    rows = class_count_rows(summary.get("class_counts") or {}, drift)
+    if rows:
+        ids["class_counts"] = create_table_artifact(
+            table=rows,
+            key=artifact_key("class-counts", output),
+            description=f"Predicted classes on {date}, with the previous partition's share",
+        )
+    return ids
+
+
+class ShardProgress:
+    """A progress artifact that moves as shards finish; safe to call from the collector thread."""
+
+    def __init__(self, total: int, output_uri: str, min_interval_s: float = 1.0) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        self.total = total
+        self.finished = self.images = self.failed = 0
+        self._lock = threading.Lock()
+        self._min_interval_s = min_interval_s
+        self._last_update = 0.0
+        self.artifact_id = create_progress_artifact(
+            progress=100.0 if total == 0 else 0.0,
+            key=artifact_key("labeling-progress", output_uri),
+            description=self.description(),
+        )
+
+    def description(self) -> str:
+        failed = f", {self.failed} failed" if self.failed else ""
+        return f"{self.finished}/{self.total} shards labeled, {self.images:,} images{failed}"
+
+    def percent(self) -> float:
+        return 100.0 if self.total == 0 else min(100.0, 100.0 * self.finished / self.total)
+
+    def shard_done(self, result: Any) -> None:
+        """The `on_shard_done` callback: count a finished `ShardResult`, update the artifact."""
+        from prefect.artifacts import update_progress_artifact
+
+        with self._lock:
+            self.finished += 1
+            self.images += int(getattr(result, "images", 0))
+            self.failed += int(bool(getattr(result, "failed", False)))
+            now = time.monotonic()
+            # Throttled so ten thousand small shards do not mean ten thousand API calls.
+            if self.finished < self.total and now - self._last_update < self._min_interval_s:
+                return
+            self._last_update = now
+            update_progress_artifact(
+                self.artifact_id, progress=self.percent(), description=self.description()
+            )

@@ -1,0 +1,107 @@
+"""Artifact text and tables: what a person reads about a run."""
+
+from __future__ import annotations
+
+import re
+
+from flows.artifacts import (
+    artifact_key,
+    class_count_rows,
+    drift_markdown,
+    redact_uri,
+    summary_markdown,
+)
+from flows.drift import PartitionStats, compare
+
+SUMMARY = {
+    "run_id": "run-1",
+    "input_uri": "s3://images/incoming/",
+    "output_uri": "s3://labels/mixer/",
+    "date": "2024-05-02",
+    "model": "tiny",
+    "model_sha256": "ab" * 32,
+    "backend": "torch",
+    "precision": "fp32",
+    "images": 1200,
+    "errors": 3,
+    "seconds": 4.0,
+    "images_per_s": 300.0,
+    "shards_total": 4,
+    "shards_done": 3,
+    "shards_skipped": 1,
+    "shards_failed": 0,
+    "failed_shards": [],
+    "class_counts": {"cat": 700, "dog": 497},
+}
+
+
+def test_artifact_keys_are_valid_prefect_keys_and_differ_per_output():
+    a = artifact_key("labeling-summary", "s3://Labels/mixer/")
+    b = artifact_key("labeling-summary", "/tmp/out dir/labels")
+    assert re.fullmatch(r"[a-z0-9-]+", a) and re.fullmatch(r"[a-z0-9-]+", b)
+    assert a == "labeling-summary-s3-labels-mixer" and a != b
+
+
+def test_uris_lose_credentials():
+    assert redact_uri("s3://AKIA:secret@bucket/x") == "s3://bucket/x"
+    assert "secret" not in artifact_key("k", "s3://AKIA:secret@bucket/x")
+
+
+def test_summary_names_counts_speed_model_backend_and_output():
+    text = summary_markdown(SUMMARY, None, "s3://labels/mixer/date=2024-05-02/")
+    assert text.startswith("# Labeling run 2024-05-02: completed")
+    for expected in (
+        "| images | 1,200 |",
+        "| errors | 3 (0.2%) |",
+        "| images/s | 300.0 |",
+        "3 labeled, 1 skipped (already done), 0 failed",
+        "`" + "ab" * 32 + "`",
+        "| backend | torch (fp32) |",
+        "`s3://labels/mixer/date=2024-05-02/`",
+    ):
+        assert expected in text, expected
+    assert "DRIFT" not in text
+
+
+def test_summary_lists_failed_shards_and_puts_drift_warnings_at_the_top():
+    failed = {
+        **SUMMARY,
+        "shards_failed": 1,
+        "failed_shards": [{"shard": "train-000002", "error": "truncated"}],
+    }
+    drift = compare(
+        PartitionStats("2024-05-02", {"cat": 95, "dog": 5}, 0.5),
+        PartitionStats("2024-05-01", {"cat": 5, "dog": 95}, 0.9),
+    )
+    text = summary_markdown(failed, drift)
+    lines = text.splitlines()
+    assert "1 shard(s) failed" in lines[0]
+    assert lines[2].startswith("> **⚠️ DRIFT WARNING:** class distribution drifted")
+    assert lines[3].startswith("> **⚠️ DRIFT WARNING:** mean score moved -0.400")
+    assert "- `train-000002`: truncated" in text
+    assert "## Drift against 2024-05-01" in text
+
+
+def test_drift_section_without_history_says_so():
+    drift = compare(PartitionStats("2024-05-02", {"cat": 1}, 0.5), None)
+    assert "No earlier partition" in drift_markdown(drift)
+
+
+def test_drift_section_of_a_stable_night_shows_psi_and_scores():
+    drift = compare(
+        PartitionStats("d2", {"cat": 50, "dog": 50}, 0.80),
+        PartitionStats("d1", {"cat": 50, "dog": 50}, 0.79),
+    )
+    text = drift_markdown(drift)
+    assert "| class PSI | 0.0000 |" in text
+    assert "| mean score | 0.8000 | 0.7900 | +0.0100 |" in text
+    assert text.rstrip().endswith("Within thresholds.")
+
+
+def test_class_count_rows_most_frequent_first_with_shares():
+    rows = class_count_rows({"b": 1, "a": 3})
+    assert rows == [
+        {"class": "a", "count": 3, "share": 0.75},
+        {"class": "b", "count": 1, "share": 0.25},
+    ]
+    assert class_count_rows({}) == []
