@@ -37,9 +37,7 @@ def _int(n: Any) -> str:
     return f"{int(n):,}"
 
 
-def summary_markdown(
-    summary: Mapping[str, Any], drift: DriftReport | None = None, partition_uri: str | None = None
-) -> str:
+def summary_markdown(summary: Mapping[str, Any], drift: DriftReport | None = None) -> str:
     """The run at a glance: status line, drift warning, counts, speed, model, where output went."""
     images, errors = int(summary["images"]), int(summary["errors"])
     failed = int(summary["shards_failed"])
@@ -61,9 +59,9 @@ def summary_markdown(
         f" {_int(summary['shards_skipped'])} skipped (already done), {_int(failed)} failed |",
         f"| model | `{summary['model']}` |",
         f"| model sha256 | `{summary['model_sha256']}` |",
-        f"| backend | {summary['backend']} ({summary['precision']}) |",
+        f"| backend | {summary.get('backend') or '-'} ({summary.get('precision') or '-'}) |",
         f"| input | `{redact_uri(str(summary['input_uri']))}` |",
-        f"| output | `{redact_uri(partition_uri or str(summary['output_uri']))}` |",
+        f"| output | `{redact_uri(str(summary['output_uri']))}` |",
         f"| run id | `{summary['run_id']}` |",
     ]
     if drift is not None:
@@ -114,16 +112,20 @@ def class_count_rows(
 
 
 def publish_run_artifacts(
-    summary: Mapping[str, Any], drift: DriftReport | None, partition_uri: str | None = None
+    summary: Mapping[str, Any], drift: DriftReport | None, output_uri: str
 ) -> dict[str, UUID]:
-    """Create the summary (markdown) and class-count (table) artifacts; returns their ids."""
+    """Create the summary (markdown) and class-count (table) artifacts; returns their ids.
+
+    `output_uri` is the output root (not the date partition): it names the artifact keys, so
+    each night adds a version to the same keys.
+    """
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    output = str(summary["output_uri"])
+    output = output_uri
     date = summary["date"]
     ids = {
         "summary": create_markdown_artifact(
-            markdown=summary_markdown(summary, drift, partition_uri),
+            markdown=summary_markdown(summary, drift),
             key=artifact_key("labeling-summary", output),
             description=f"Labeling run {date}: images, errors, speed, model, drift",
         )

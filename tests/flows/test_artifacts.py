@@ -16,7 +16,7 @@ from flows.drift import PartitionStats, compare
 SUMMARY = {
     "run_id": "run-1",
     "input_uri": "s3://images/incoming/",
-    "output_uri": "s3://labels/mixer/",
+    "output_uri": "s3://labels/mixer/date=2024-05-02/",
     "date": "2024-05-02",
     "model": "tiny",
     "model_sha256": "ab" * 32,
@@ -48,7 +48,7 @@ def test_uris_lose_credentials():
 
 
 def test_summary_names_counts_speed_model_backend_and_output():
-    text = summary_markdown(SUMMARY, None, "s3://labels/mixer/date=2024-05-02/")
+    text = summary_markdown(SUMMARY, None)
     assert text.startswith("# Labeling run 2024-05-02: completed")
     for expected in (
         "| images | 1,200 |",
