@@ -87,6 +87,73 @@ def s3_bucket(s3_server: S3Server) -> str:
     return s3_server.new_bucket()
 
 
+@dataclass
+class AuthS3Server:
+    """A second moto S3 server that checks credentials and IAM policies, with two users.
+
+    `bucket` exists; "reader" may get and list it, "writer" may do anything. Use
+    `monkeypatch.setenv` with `env(user)` to point the standard AWS chain at it.
+    """
+
+    endpoint_url: str
+    bucket: str
+    keys: dict[str, tuple[str, str]]  # user -> (access key id, secret)
+
+    def env(self, user: str = "writer", secret: str | None = None) -> dict[str, str]:
+        key_id, real_secret = self.keys.get(user, (user, "not-a-secret"))
+        return {
+            "AWS_ACCESS_KEY_ID": key_id,
+            "AWS_SECRET_ACCESS_KEY": real_secret if secret is None else secret,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": self.endpoint_url,
+        }
+
+
+@pytest.fixture(scope="session")
+def s3_auth_server() -> Iterator[AuthS3Server]:
+    """moto with authentication on: wrong keys, wrong secrets and missing permissions fail."""
+    import json
+    import urllib.request
+
+    import boto3
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, process=process)
+        endpoint = f"http://127.0.0.1:{port}"
+        # Set up while moto still accepts anything, then switch authentication on.
+        admin = {"endpoint_url": endpoint, "region_name": "us-east-1"}
+        admin |= {"aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
+        bucket = "authed-bucket"
+        boto3.client("s3", **admin).create_bucket(Bucket=bucket)
+        iam = boto3.client("iam", **admin)
+        keys = {}
+        for user, actions in (("reader", ["s3:GetObject", "s3:ListBucket"]), ("writer", ["s3:*"])):
+            iam.create_user(UserName=user)
+            resources = [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]
+            statement = {"Effect": "Allow", "Action": actions, "Resource": resources}
+            policy = json.dumps({"Version": "2012-10-17", "Statement": [statement]})
+            iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=policy)
+            key = iam.create_access_key(UserName=user)["AccessKey"]
+            keys[user] = (key["AccessKeyId"], key["SecretAccessKey"])
+        request = urllib.request.Request(
+            f"{endpoint}/moto-api/reset-auth",
+            data=b"0",
+            method="POST",
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        urllib.request.urlopen(request, timeout=10).read()
+        yield AuthS3Server(endpoint, bucket, keys)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def ray_local(s3_server: S3Server) -> Iterator[object]:
     """One local Ray for the session (starts after S3 so workers inherit its AWS_* env)."""
