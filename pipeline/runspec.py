@@ -1,0 +1,145 @@
+"""What a labeling run is asked to do (RunConfig) and what it reports (ShardResult, RunSummary).
+
+Plain dataclasses with no Ray or S3 inside, so the driver, the actors and the CLI share them and
+they pickle cheaply. `pipeline.run` re-exports them; callers import them from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; defaults that work on one machine."""
+
+    input_uri: str
+    output_uri: str
+    model: str  # checkpoint path, s3:// URI of one, or a preset name ("B/16")
+    backend: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 64
+    ray_address: str | None = None
+    actors: int | None = None
+    date: str | dt.date | None = None  # the output partition; today (UTC) when None
+    force: bool = False
+    s3_endpoint_url: str | None = None
+    images_per_shard: int = 1000
+    image_column: str | None = None
+    topk: int = 5
+    embeddings: bool = False
+    # A shard is tried this many times (actor crash, lost node, read error) before it is
+    # reported in failed_shards; the other shards finish either way.
+    max_attempts: int = 3
+    decode_threads: int | None = None  # per actor; None: from the actor's CPUs
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {self.batch_size}")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError(f"actors must be at least 1, not {self.actors}")
+        if self.topk < 1:
+            raise ValueError(f"topk must be at least 1, not {self.topk}")
+        if self.images_per_shard < 1:
+            raise ValueError(f"images_per_shard must be at least 1, not {self.images_per_shard}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, not {self.max_attempts}")
+        self.partition_date()  # fail on a bad date now, not after the actors started
+
+    def partition_date(self) -> str:
+        """The `date=` partition as YYYY-MM-DD."""
+        if self.date is None:
+            return dt.datetime.now(dt.timezone.utc).date().isoformat()
+        if isinstance(self.date, dt.date):
+            return self.date.isoformat()
+        if not _DATE.match(self.date):
+            raise ValueError(f"date must look like YYYY-MM-DD, not {self.date!r}")
+        dt.date.fromisoformat(self.date)  # rejects 2024-02-31
+        return self.date
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class ShardResult:
+    """The outcome of one shard: labeled, skipped (already done) or failed."""
+
+    shard: Any  # pipeline.shards.Shard
+    output_uri: str
+    images: int = 0
+    errors: int = 0  # error rows (images that could not be labeled), not a failed shard
+    seconds: float = 0.0
+    class_counts: dict[str, int] = field(default_factory=dict)
+    skipped: bool = False
+    failed: bool = False
+    error: str | None = None  # why the shard failed (or was skipped)
+    backend: str | None = None
+    precision: str | None = None
+    attempts: int = 1
+    started_at: float | None = None  # epoch seconds when the worker began the shard
+    worker_pid: int | None = None  # the process that labeled it (debugging, fault tests)
+
+
+@dataclass
+class RunSummary:
+    """What a run did; printed at the end and written as `_SUCCESS.json`."""
+
+    run_id: str
+    input_uri: str
+    output_uri: str  # the root given to the run
+    date: str
+    model: str
+    model_sha256: str
+    backend: str | None = None
+    precision: str | None = None
+    images: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    shards_total: int = 0
+    shards_done: int = 0
+    shards_skipped: int = 0
+    shards_failed: int = 0
+    failed_shards: list[dict[str, str]] = field(default_factory=list)
+    class_counts: dict[str, int] = field(default_factory=dict)
+    partition_uri: str = ""  # output_uri/date=YYYY-MM-DD, where the Parquet files are
+    actors: int = 0
+    first_shard_started_s: float | None = None  # from the start of the run
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.shards_failed == 0
+
+    def add(self, result: ShardResult) -> None:
+        """Fold one shard's result into the totals."""
+        if result.skipped:
+            self.shards_skipped += 1
+            return
+        if result.failed:
+            self.shards_failed += 1
+            self.failed_shards.append({"shard": result.shard.name, "error": result.error or ""})
+            return
+        self.shards_done += 1
+        self.images += result.images
+        self.errors += result.errors
+        self.backend = self.backend or result.backend
+        self.precision = self.precision or result.precision
+        for name, count in result.class_counts.items():
+            self.class_counts[name] = self.class_counts.get(name, 0) + count
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["images_per_s"] = round(self.images_per_s, 3)
+        data["seconds"] = round(self.seconds, 3)
+        data["class_counts"] = dict(sorted(self.class_counts.items(), key=lambda kv: -kv[1]))
+        return data
