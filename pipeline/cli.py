@@ -19,6 +19,7 @@ class UserFacingError(Exception):
 # (command, module, one-line help). Modules import their heavy dependencies inside main().
 COMMANDS: list[tuple[str, str, str]] = [
     ("model", "pipeline.model_info", "inspect a model: `mixer-label model info CHECKPOINT|PRESET`"),
+    ("run", "pipeline.run_command", "label every image under INPUT into Parquet under OUTPUT"),
 ]
 
 

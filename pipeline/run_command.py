@@ -1,0 +1,129 @@
+"""`mixer-label run INPUT OUTPUT --model M`: label every image under INPUT into OUTPUT."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from pipeline.cli import UserFacingError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="s3://bucket/prefix or folder holding shards")
+    parser.add_argument("output", help="s3://bucket/prefix or folder; files go to date=YYYY-MM-DD/")
+    parser.add_argument(
+        "--model", required=True, help="checkpoint (path or s3:// URI) or preset name (B/16)"
+    )
+    parser.add_argument("--backend", default="auto", help="auto, torch, onnxruntime, tensorrt")
+    parser.add_argument("--precision", default="auto", help="auto, fp32, bf16, fp16, int8")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per model call")
+    parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    parser.add_argument("--actors", type=int, help="actors (default: one per GPU, else per node)")
+    parser.add_argument("--date", help="output partition date YYYY-MM-DD (default: today, UTC)")
+    parser.add_argument("--force", action="store_true", help="relabel shards already done")
+    parser.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2)")
+    parser.add_argument(
+        "--images-per-shard", type=int, default=1000, help="plain image prefixes: images/shard"
+    )
+    parser.add_argument("--image-column", help="Parquet shards: the image-bytes column")
+    parser.add_argument("--topk", type=int, default=5, help="top-k labels and scores per image")
+    parser.add_argument("--embeddings", action="store_true", help="write pre-head features")
+    parser.add_argument("--max-attempts", type=int, default=3, help="tries per shard")
+    parser.add_argument("--decode-threads", type=int, help="decode threads per actor")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace):
+    """The RunConfig the flags describe; a bad value is a one-line UserFacingError."""
+    from pipeline.run import RunConfig
+
+    try:
+        return RunConfig(
+            input_uri=args.input,
+            output_uri=args.output,
+            model=args.model,
+            backend=args.backend,
+            precision=args.precision,
+            batch_size=args.batch_size,
+            ray_address=args.ray_address,
+            actors=args.actors,
+            date=args.date,
+            force=args.force,
+            s3_endpoint_url=args.s3_endpoint_url,
+            images_per_shard=args.images_per_shard,
+            image_column=args.image_column,
+            topk=args.topk,
+            embeddings=args.embeddings,
+            max_attempts=args.max_attempts,
+            decode_threads=args.decode_threads,
+        )
+    except ValueError as err:
+        raise UserFacingError(str(err)) from None
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipeline.pool import PoolError
+    from pipeline.run import RunError, run_labeling
+
+    config = config_from_args(args)
+    progress = Progress(enabled=not args.no_progress)
+    try:
+        summary = run_labeling(config, on_shard_done=progress.shard_done)
+    except (RunError, PoolError) as err:
+        raise UserFacingError(str(err)) from None
+    finally:
+        progress.close()
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        print(format_summary(summary.to_dict()))
+    return 0 if summary.ok else 1
+
+
+class Progress:
+    """A tqdm bar on stderr: shards finished (the total grows while listing) and images/s."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self._bar = None
+        self._start = time.monotonic()
+        self.images = 0
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(unit="shard", desc="labeling", file=sys.stderr, dynamic_ncols=True)
+
+    def shard_done(self, result) -> None:
+        self.images += result.images
+        if self._bar is None:
+            return
+        rate = self.images / max(1e-9, time.monotonic() - self._start)
+        state = "failed" if result.failed else "skipped" if result.skipped else "ok"
+        self._bar.set_postfix_str(f"{self.images:,} images, {rate:,.1f} img/s, last {state}")
+        self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def format_summary(summary: dict) -> str:
+    """The end-of-run summary a person reads."""
+    lines = [
+        f"run {summary['run_id']}: {summary['images']:,} images, {summary['errors']:,} errors, "
+        f"{summary['images_per_s']:,.1f} images/s in {summary['seconds']:,.1f} s",
+        f"shards: {summary['shards_done']} labeled, {summary['shards_skipped']} skipped "
+        f"(already done), {summary['shards_failed']} failed, {summary['shards_total']} total",
+        f"model: {summary['model']} ({summary['backend']}, {summary['precision']})",
+        f"output: {summary['partition_uri']}",
+    ]
+    counts = summary.get("class_counts") or {}
+    if counts:
+        top = list(counts.items())[:10]
+        more = f" (+{len(counts) - len(top)} more)" if len(counts) > len(top) else ""
+        lines.append("classes: " + ", ".join(f"{k} {v:,}" for k, v in top) + more)
+    for failed in summary.get("failed_shards") or []:
+        lines.append(f"FAILED {failed['shard']}: {failed['error']}")
+    return "\n".join(lines)
