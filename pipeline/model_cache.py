@@ -1,0 +1,45 @@
+"""Model weights named by an s3:// URI, downloaded once per node into a local cache.
+
+Actors on the same node share one download: a file lock serializes them, and the file appears
+under its final name only when complete, so a crash mid-download never leaves a torn checkpoint.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """`$MIXER_LABEL_CACHE/models`, else `~/.cache/mixer-label/models`."""
+    root = os.environ.get("MIXER_LABEL_CACHE") or Path.home() / ".cache" / "mixer-label"
+    return Path(root) / "models"
+
+
+def local_model(spec: str, storage_options=None) -> str:
+    """A local path (or preset name) for `spec`; s3:// checkpoints are fetched once per node."""
+    if not spec.startswith("s3://"):
+        return spec
+    from pipeline.storage import StorageError, open_storage
+
+    storage = open_storage(spec, storage_options)
+    info = storage.head(spec)
+    if info is None:
+        raise StorageError(f"{spec}: no such model object")
+    # Keyed by URI and ETag: a new upload under the same name is a new cache entry.
+    digest = hashlib.sha256(f"{spec}\n{info.etag}".encode()).hexdigest()[:20]
+    target = cache_dir() / digest / spec.rstrip("/").rsplit("/", 1)[-1]
+    if target.is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other actors of this node wait here
+        if not target.is_file():
+            partial = target.with_name(target.name + f".part-{os.getpid()}")
+            with storage.open(spec) as source, open(partial, "wb") as sink:
+                for chunk in iter(lambda: source.read(8 << 20), b""):
+                    sink.write(chunk)
+            partial.replace(target)
+    return str(target)

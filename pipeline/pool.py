@@ -1,0 +1,322 @@
+"""The actor pool: size it from the cluster, hand out shards, retry, survive dead workers.
+
+The driver holds only shard descriptions and object references; images never pass through it.
+An actor takes work only while it is known to be alive: after a crash Ray restarts it (reloading
+the model) and a ping says when it is back; an actor whose node is gone for good is replaced.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.runspec import ShardResult
+from pipeline.workers import WorkerSpec, actor_class
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """Resources and threads of one actor."""
+
+    num_cpus: float
+    num_gpus: float = 0.0
+    threads: int = 1  # torch intra-op threads
+    decode_threads: int = 2
+    device: str = "cpu"
+    node_id: str | None = None  # preferred node (soft: a restart may land elsewhere)
+
+
+def plan_actors(nodes: list[dict[str, Any]], requested: int | None = None) -> list[ActorPlan]:
+    """Actors for the alive nodes of `ray.nodes()`: one per GPU, else one per CPU node.
+
+    On CPU one actor per node, owning all of its cores, beats one actor per core: a GEMM on
+    all cores of a node runs at nearly the same rate per core as on one, the batch stays large
+    and the weights (240 MB for B/16) are loaded once per node instead of once per core.
+    `requested` overrides the count and splits the resources evenly.
+    """
+    alive = [n for n in nodes if n.get("Alive", n.get("alive", False))]
+    resources = [n.get("Resources", {}) for n in alive]
+    total_gpus = sum(int(r.get("GPU", 0)) for r in resources)
+    total_cpus = sum(int(r.get("CPU", 0)) for r in resources)
+    if total_gpus:
+        if requested:
+            share = min(1.0, total_gpus / requested)
+            cpus = max(1, total_cpus // requested) if total_cpus else 0
+            return [_gpu_plan(cpus, share) for _ in range(requested)]
+        plans = []
+        for r in resources:
+            gpus, cpus = int(r.get("GPU", 0)), int(r.get("CPU", 0))
+            plans += [_gpu_plan(cpus // gpus if gpus else 0, 1.0) for _ in range(gpus)]
+        return plans
+    if not total_cpus:
+        raise RuntimeError("the Ray cluster has no alive node with a CPU or GPU")
+    if requested:
+        cpus = max(1, total_cpus // requested)
+        return [ActorPlan(cpus, threads=cpus, decode_threads=cpus) for _ in range(requested)]
+    return [
+        ActorPlan(int(r["CPU"]), threads=int(r["CPU"]), decode_threads=int(r["CPU"]), node_id=nid)
+        for r, nid in zip(resources, (n.get("NodeID") for n in alive), strict=True)
+        if int(r.get("CPU", 0)) > 0
+    ]
+
+
+def _gpu_plan(cpus: int, gpus: float) -> ActorPlan:
+    # The CPUs beside a GPU read and decode; the GPU does the math.
+    return ActorPlan(cpus, gpus, threads=1, decode_threads=max(2, cpus), device="cuda")
+
+
+@dataclass
+class Work:
+    """A shard waiting for (another) attempt."""
+
+    shard: Any
+    output_uri: str
+    attempts: int = 0
+    last_error: str = ""
+
+
+@dataclass
+class _Slot:
+    plan: ActorPlan
+    handle: Any
+    alive: bool = False
+    in_flight: int = 0
+    ping: Any = None  # ObjectRef of a pending ping
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class Feed:
+    """Runs an iterator in a background thread into a bounded queue (listing overlaps labeling)."""
+
+    _DONE = object()
+
+    def __init__(self, items: Iterator[Any], maxsize: int = 256) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize)
+        self._stop = threading.Event()
+        self.done = False
+        self.produced = 0
+        self._thread = threading.Thread(target=self._pump, args=(items,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, items: Iterator[Any]) -> None:
+        try:
+            for item in items:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+                self.produced += 1
+            self._queue.put(self._DONE)
+        except BaseException as err:  # handed to the consumer, raised there
+            self._queue.put(err)
+
+    def get(self, timeout: float | None) -> Any:
+        """The next item; raises queue.Empty when none is ready, StopIteration at the end."""
+        if self.done:
+            raise StopIteration
+        item = self._queue.get(timeout=timeout) if timeout else self._queue.get_nowait()
+        if item is self._DONE:
+            self.done = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.done = True
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class PoolError(RuntimeError):
+    """The workers cannot run at all (e.g. the model or backend fails to load on them)."""
+
+
+class ShardPool:
+    """A pool of ShardLabeler actors that labels `Work` items and yields their results."""
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        plans: list[ActorPlan],
+        max_attempts: int = 3,
+        tasks_per_actor: int = 2,
+        stall_timeout_s: float = 600.0,
+    ) -> None:
+        import ray
+
+        self._ray = ray
+        self.spec = spec
+        self.max_attempts = max_attempts
+        # Two tasks per actor: the next shard is already queued when one finishes.
+        self.tasks_per_actor = tasks_per_actor
+        self.stall_timeout_s = stall_timeout_s
+        self._actor_class = actor_class()
+        self._replacements_left = max(4, 2 * len(plans))
+        self.slots = [self._start(plan) for plan in plans]
+
+    def _start(self, plan: ActorPlan) -> _Slot:
+        from dataclasses import replace
+
+        options: dict[str, Any] = {"num_cpus": plan.num_cpus, "num_gpus": plan.num_gpus}
+        if plan.node_id:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(plan.node_id, soft=True)
+        spec = replace(
+            self.spec,
+            threads=plan.threads,
+            decode_threads=self.spec.decode_threads or plan.decode_threads,
+            device=plan.device if self.spec.device == "auto" else self.spec.device,
+        )
+        handle = self._actor_class.options(**options).remote(spec)
+        return _Slot(plan, handle, ping=handle.ping.remote())
+
+    def close(self) -> None:
+        for slot in self.slots:
+            self._ray.kill(slot.handle, no_restart=True)
+
+    def run(self, feed: Feed) -> Iterator[ShardResult]:
+        """Label every `Work` that `feed` yields; ShardResults in it (skipped) pass through."""
+        ray = self._ray
+        pending: collections.deque[Work] = collections.deque()  # retries go first
+        in_flight: dict[Any, tuple[Work, _Slot]] = {}
+        idle_since: float | None = None
+        while True:
+            # Pull from the listing: skipped shards pass at once, work waits for an actor. The
+            # buffer is small, so the driver never holds more than a few shards ahead.
+            while len(pending) < self._buffer and not feed.done:
+                item = self._next(feed, wait=not (in_flight or pending))
+                if item is None:
+                    break
+                if isinstance(item, ShardResult):
+                    yield item
+                else:
+                    pending.append(item)
+            while pending and (slot := self._free_slot()) is not None:
+                work = pending.popleft()
+                work.attempts += 1
+                ref = slot.handle.label_shard.remote(work.shard, work.output_uri)
+                in_flight[ref] = (work, slot)
+                slot.in_flight += 1
+            if feed.done and not pending and not in_flight:
+                return
+            pings = {slot.ping: slot for slot in self.slots if slot.ping is not None}
+            waiting = list(in_flight) + list(pings)
+            if not waiting:
+                if not pending:
+                    continue  # the listing is still going
+                # Work is waiting but no actor is alive or starting: give up after a while.
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > self.stall_timeout_s:
+                    yield from self._fail_all(pending, feed, "no live worker")
+                    return
+                time.sleep(0.2)
+                continue
+            idle_since = None
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=0.2)
+            for ref in ready:
+                if ref in pings:
+                    self._ping_done(ref, pings[ref])
+                    continue
+                work, slot = in_flight.pop(ref)
+                slot.in_flight -= 1
+                result = self._collect(ref, work, slot)
+                if result is None:
+                    pending.appendleft(work)
+                else:
+                    yield result
+
+    @property
+    def _buffer(self) -> int:
+        return max(4, 2 * self.tasks_per_actor * len(self.slots))
+
+    def _next(self, feed: Feed, wait: bool) -> Work | ShardResult | None:
+        try:
+            return feed.get(timeout=0.1 if wait else None)
+        except (queue.Empty, StopIteration):
+            return None
+
+    def _free_slot(self) -> _Slot | None:
+        free = [s for s in self.slots if s.alive and s.in_flight < self.tasks_per_actor]
+        return min(free, key=lambda s: s.in_flight) if free else None
+
+    def _ping_done(self, ref: Any, slot: _Slot) -> None:
+        ray = self._ray
+        slot.ping = None
+        try:
+            ray.get(ref)
+            slot.alive = True
+        except ray.exceptions.ActorDiedError as err:
+            if "creation task" in str(err) or "__init__" in str(err):
+                raise PoolError(f"workers cannot start: {_first_line(err)}") from None
+            self._replace(slot)
+        except ray.exceptions.RayActorError:
+            slot.ping = slot.handle.ping.remote()  # unreachable for now: ask again
+
+    def _replace(self, slot: _Slot) -> None:
+        self._ray.kill(slot.handle, no_restart=True)
+        if self._replacements_left <= 0:
+            self.slots.remove(slot)
+            return
+        self._replacements_left -= 1
+        index = self.slots.index(slot)
+        self.slots[index] = self._start(slot.plan)
+
+    def _collect(self, ref: Any, work: Work, slot: _Slot) -> ShardResult | None:
+        """The shard's result, a failed result after the last attempt, or None to retry."""
+        ray = self._ray
+        try:
+            result = ray.get(ref)
+            result.attempts = work.attempts
+            return result
+        except ray.exceptions.RayActorError as err:
+            # The process or its node died: stop using the actor until a ping says it is back.
+            work.last_error = f"worker died: {_first_line(err)}"
+            if slot.alive and slot in self.slots:
+                slot.alive = False
+                slot.ping = slot.handle.ping.remote()
+        except ray.exceptions.RayTaskError as err:
+            work.last_error = _first_line(err.cause if err.cause is not None else err)
+        except ray.exceptions.RayError as err:
+            work.last_error = _first_line(err)
+        if work.attempts < self.max_attempts:
+            return None
+        return _failed(work)
+
+    def _fail_all(self, pending, feed: Feed, reason: str) -> Iterator[ShardResult]:
+        for work in pending:
+            work.last_error = work.last_error or reason
+            yield _failed(work)
+        while True:
+            try:
+                item = feed.get(timeout=60)
+            except StopIteration:
+                return
+            if isinstance(item, ShardResult):
+                yield item
+            else:
+                item.last_error = reason
+                yield _failed(item)
+
+
+def _failed(work: Work) -> ShardResult:
+    error = f"{work.last_error} (after {work.attempts} attempts)"
+    return ShardResult(
+        work.shard, work.output_uri, failed=True, error=error, attempts=work.attempts
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # Ray's errors start with a header; the last line names the actual exception.
+    return (lines[-1] if lines else type(err).__name__)[:500]

@@ -1,0 +1,314 @@
+"""A labeling run: check, plan (list shards, skip those done), label on the actor pool, summarize.
+
+`run_labeling(config)` is the whole run. Everything that can fail for a reason the user can fix
+(model, input, output, credentials) is checked on the driver before any actor starts. Planning
+streams: the listing runs in a background thread and the pool starts labeling the first shard
+while the rest of a large prefix is still being listed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.pool import Feed, ShardPool, Work, plan_actors
+from pipeline.runspec import RunConfig, RunSummary, ShardResult
+from pipeline.workers import WorkerSpec
+from pipeline.writer import read_file_metadata
+
+__all__ = [
+    "PlannedShard",
+    "RunConfig",
+    "RunError",
+    "RunSummary",
+    "ShardResult",
+    "label_shards",
+    "plan_shards",
+    "run_labeling",
+]
+
+log = logging.getLogger(__name__)
+
+SUCCESS_FILE = "_SUCCESS.json"
+FAILED_FILE = "_FAILED.json"  # the summary of a run with failed shards (no _SUCCESS.json)
+
+
+class RunError(Exception):
+    """A run that cannot start; the message names the model, URI or setting that is wrong."""
+
+
+@dataclass(frozen=True)
+class PlannedShard:
+    """One input shard, where its output goes, and why it is skipped (None: label it)."""
+
+    shard: object  # pipeline.shards.Shard
+    output_uri: str
+    skip_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What the driver knows of the model: enough for planning, metadata and the summary."""
+
+    spec: str  # what workers load: an absolute path, an s3:// URI or a preset name
+    name: str
+    sha256: str
+
+
+def identify_model(config: RunConfig) -> ModelIdentity:
+    """Load the model once on the driver for its name and sha256; RunError if it cannot be."""
+    from models.checkpoints import CheckpointError, resolve_model
+    from pipeline.model_cache import local_model
+    from pipeline.storage import StorageError
+
+    spec = config.model
+    if "://" not in spec and Path(spec).exists():
+        spec = str(Path(spec).resolve())  # workers do not share the driver's working directory
+    try:
+        model = resolve_model(local_model(spec, _storage_options(config)))
+    except (CheckpointError, StorageError, OSError) as err:
+        raise RunError(f"model {config.model}: {err}") from None
+    return ModelIdentity(spec, model.name, model.sha256 or model.weights_sha256())
+
+
+def partition_uri(config: RunConfig) -> str:
+    """OUTPUT/date=YYYY-MM-DD, where this run's Parquet files go."""
+    from pipeline.storage import open_storage
+
+    storage = open_storage(config.output_uri, _storage_options(config))
+    return storage.join(config.output_uri, f"date={config.partition_date()}")
+
+
+def plan_shards(
+    config: RunConfig, model_sha256: str | None = None, shards: Iterable | None = None
+) -> Iterator[PlannedShard]:
+    """Every input shard with its output URI; skip_reason set when the output is already done.
+
+    Done means: the output exists and its footer names the same input ETag and model sha256.
+    Only the footer is read (ranged reads of the file's tail). `force` redoes everything.
+    """
+    from pipeline.shards import list_shards
+    from pipeline.storage import open_storage
+
+    options = _storage_options(config)
+    out = open_storage(config.output_uri, options)
+    partition = partition_uri(config)
+    if model_sha256 is None:
+        model_sha256 = identify_model(config).sha256
+    if shards is None:
+        source = open_storage(config.input_uri, options)
+        shards = list_shards(source, config.input_uri, config.images_per_shard)
+    # One listing of the partition instead of a HEAD per shard; it holds outputs, not images.
+    existing = {} if config.force else {info.uri: info for info in out.list(partition)}
+    for shard in shards:
+        output_uri = out.join(partition, f"{shard.name}.parquet")
+        info = existing.pop(output_uri, None)
+        skip = None if info is None else _done_reason(out, info, shard, model_sha256)
+        yield PlannedShard(shard, output_uri, skip)
+
+
+def _done_reason(storage, info, shard, model_sha256: str) -> str | None:
+    try:
+        metadata = read_file_metadata(storage, info.uri, info.size)
+    except Exception as err:  # a torn or foreign file is redone, not trusted
+        log.warning("%s: unreadable footer, labeling again: %s", info.uri, err)
+        return None
+    if metadata.get("input_etag") != (shard.etag or ""):
+        return None
+    if metadata.get("model_sha256") != model_sha256:
+        return None
+    return "done: output has the same input ETag and model sha256"
+
+
+def label_shards(
+    planned: Iterable[PlannedShard],
+    config: RunConfig,
+    on_shard_done: Callable[[ShardResult], None] | None = None,
+    *,
+    model: ModelIdentity | None = None,
+    run_id: str | None = None,
+    started: float | None = None,
+) -> RunSummary:
+    """Label the planned shards on a pool of actors sized from the connected Ray cluster."""
+    import ray
+
+    started = time.monotonic() if started is None else started
+    started_epoch = time.time() - (time.monotonic() - started)
+    model = model or identify_model(config)
+    summary = RunSummary(
+        run_id=run_id or new_run_id(),
+        input_uri=config.input_uri,
+        output_uri=config.output_uri,
+        date=config.partition_date(),
+        model=model.name,
+        model_sha256=model.sha256,
+        partition_uri=partition_uri(config),
+    )
+    spec = WorkerSpec(
+        model=model.spec,
+        backend=config.backend,
+        precision=config.precision,
+        batch_size=config.batch_size,
+        topk=config.topk,
+        embeddings=config.embeddings,
+        image_column=config.image_column,
+        storage_options=_storage_options(config),
+        decode_threads=config.decode_threads,
+        run_id=summary.run_id,
+        code_version=code_version(),
+    )
+    plans = plan_actors(ray.nodes(), config.actors)
+    summary.actors = len(plans)
+    pool = ShardPool(spec, plans, max_attempts=config.max_attempts)
+    feed = Feed(_as_work(planned))
+    try:
+        for result in pool.run(feed):
+            summary.add(result)
+            if result.started_at is not None:
+                since = max(0.0, result.started_at - started_epoch)
+                first = summary.first_shard_started_s
+                summary.first_shard_started_s = since if first is None else min(first, since)
+            if on_shard_done is not None:
+                on_shard_done(result)
+    finally:
+        feed.close()
+        pool.close()
+    summary.shards_total = summary.shards_done + summary.shards_skipped + summary.shards_failed
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _as_work(planned: Iterable[PlannedShard]) -> Iterator[Work | ShardResult]:
+    for item in planned:
+        if item.skip_reason:
+            yield ShardResult(item.shard, item.output_uri, skipped=True, error=item.skip_reason)
+        else:
+            yield Work(item.shard, item.output_uri)
+
+
+def run_labeling(
+    config: RunConfig, on_shard_done: Callable[[ShardResult], None] | None = None
+) -> RunSummary:
+    """The whole run: check everything, label every shard not done yet, write the summary."""
+    started = time.monotonic()
+    model = identify_model(config)
+    partition, first_shards = preflight(config)
+    planned = plan_shards(config, model.sha256, first_shards)
+    with ray_session(config.ray_address):
+        summary = label_shards(
+            planned, config, on_shard_done, model=model, run_id=new_run_id(), started=started
+        )
+    write_summary(config, partition, summary)
+    return summary
+
+
+def preflight(config: RunConfig) -> tuple[str, Iterator]:
+    """Fail fast, before any actor: input listable and not empty, output writable.
+
+    Returns the partition URI and the shard listing (already started, nothing lost).
+    """
+    from pipeline.shards import list_shards
+    from pipeline.storage import StorageError, open_storage
+
+    options = _storage_options(config)
+    try:
+        source = open_storage(config.input_uri, options)
+        shards = list_shards(source, config.input_uri, config.images_per_shard)
+        first = next(shards, None)
+        if first is None:
+            raise RunError(f"{config.input_uri}: no image shards found (.tar, .parquet or images)")
+        out = open_storage(config.output_uri, options)
+        partition = partition_uri(config)
+        out.check_writable(partition)
+    except StorageError as err:
+        raise RunError(str(err)) from None
+    return partition, _chain(first, shards)
+
+
+def _chain(first, rest: Iterator) -> Iterator:
+    yield first
+    yield from rest
+
+
+def write_summary(config: RunConfig, partition: str, summary: RunSummary) -> str | None:
+    """`_SUCCESS.json` (or `_FAILED.json`) beside the Parquet files; returns its URI.
+
+    A run that labeled nothing (every shard was already done) leaves an existing summary alone,
+    so running the same job twice writes nothing.
+    """
+    from pipeline.storage import open_storage
+
+    out = open_storage(config.output_uri, _storage_options(config))
+    uri = out.join(partition, SUCCESS_FILE if summary.ok else FAILED_FILE)
+    if summary.shards_done == 0 and summary.shards_failed == 0 and out.exists(uri):
+        return None
+    out.put_atomic(uri, (json.dumps(summary.to_dict(), indent=2) + "\n").encode())
+    return uri
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Join `address`, reuse a Ray this process already joined, or start a local one.
+
+    A local Ray is started by this process, so its workers inherit this process's environment,
+    AWS_* variables included; credentials never travel in task arguments or a runtime_env (which
+    Ray shows on its dashboard). Workers of a remote cluster use their own node's AWS chain.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    kwargs = {"configure_logging": False, "log_to_driver": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(include_dashboard=False, object_store_memory=256 * 1024 * 1024, **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time plus a random suffix."""
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{now}-{uuid.uuid4().hex[:8]}"
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when running from a checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version("mixer-label")
+    except PackageNotFoundError:
+        text = "0+unknown"
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / ".git").exists():
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            sha = subprocess.run(
+                ["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
+            ).stdout.strip()
+            if sha:
+                text += f"+g{sha}"
+    return text
+
+
+def _storage_options(config: RunConfig):
+    from pipeline.storage import StorageOptions
+
+    return StorageOptions(endpoint_url=config.s3_endpoint_url)

@@ -1,0 +1,188 @@
+"""The labeling worker: load the model once, label whole shards, write one Parquet per shard.
+
+`ShardLabeler` is a plain class (tested without Ray); `actor_class()` wraps it as a Ray actor.
+Inside a shard, reading and decoding run in a thread pool ahead of the model (decode_in_threads),
+so the device does not wait for I/O; rows keep the shard's input order.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.runspec import ShardResult
+from pipeline.writer import ShardTable, to_parquet_bytes
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every actor is told once, at creation; picklable, no credentials inside."""
+
+    model: str  # checkpoint path, s3:// URI or preset name
+    backend: str = "auto"
+    precision: str = "auto"
+    device: str = "auto"
+    batch_size: int = 64
+    topk: int = 5
+    embeddings: bool = False
+    image_column: str | None = None
+    storage_options: object | None = None  # pipeline.storage.StorageOptions
+    threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    decode_threads: int | None = None  # None: the pool picks from the actor's CPUs
+    run_id: str = ""
+    code_version: str = ""
+
+
+class ShardLabeler:
+    """Holds one predictor; `label_shard` turns a shard into its Parquet file."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        import torch
+
+        from models.backends import create
+        from models.checkpoints import resolve_model
+        from pipeline.model_cache import local_model
+
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.spec = spec
+        self.model = resolve_model(local_model(spec.model, spec.storage_options))
+        self.predictor = create(self.model, spec.backend, spec.precision, spec.device)
+        self._storages: dict[str, object] = {}
+
+    def ping(self) -> int:
+        """The worker's process id, once the model is loaded (used as a liveness check)."""
+        return os.getpid()
+
+    def storage(self, uri: str):
+        """One storage client per scheme, reused across shards (connection pools stay warm)."""
+        from pipeline.storage import open_storage
+
+        scheme = "s3" if uri.startswith("s3://") else "file"
+        if scheme not in self._storages:
+            self._storages[scheme] = open_storage(uri, self.spec.storage_options)
+        return self._storages[scheme]
+
+    def label_shard(self, shard, output_uri: str) -> ShardResult:
+        """Label every image of `shard` and write `output_uri` atomically."""
+        from pipeline.preprocess import ImageLimits, decode_in_threads
+        from pipeline.shards import read_records
+
+        started_at, start = time.time(), time.perf_counter()
+        records = read_records(self.storage(shard.uri), shard, self.spec.image_column)
+        decoded = decode_in_threads(
+            records, self.model.preprocessing, self.spec.decode_threads or 2, ImageLimits()
+        )
+        table = ShardTable(shard.name, self.model.label_names, self.spec.embeddings)
+        label_decoded(decoded, self.predictor, table, self.spec.batch_size, self.spec.topk)
+        metadata = file_metadata(self, shard)
+        self.storage(output_uri).put_atomic(output_uri, to_parquet_bytes(table.to_table(metadata)))
+        return ShardResult(
+            shard=shard,
+            output_uri=output_uri,
+            images=len(table),
+            errors=table.error_count(),
+            seconds=time.perf_counter() - start,
+            class_counts=table.class_counts(),
+            backend=self.predictor.name,
+            precision=self.predictor.precision,
+            started_at=started_at,
+            worker_pid=os.getpid(),
+        )
+
+
+def file_metadata(labeler: ShardLabeler, shard) -> dict[str, str]:
+    """The Parquet key-value metadata of one shard's file (see pipeline.writer.METADATA_KEYS)."""
+    return {
+        "model_name": labeler.model.name,
+        "model_sha256": labeler.model.sha256 or "",
+        "backend": str(labeler.predictor.name),
+        "precision": str(labeler.predictor.precision),
+        "input_uri": shard.uri,
+        "input_etag": shard.etag or "",
+        "run_id": labeler.spec.run_id,
+        "code_version": labeler.spec.code_version,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def label_decoded(
+    decoded: Iterable[tuple[object, np.ndarray | None, str | None]],
+    predictor,
+    table: ShardTable,
+    batch_size: int,
+    topk: int,
+) -> None:
+    """Run the model over decoded records in batches and add one row per record to `table`.
+
+    `decoded` yields (Record, image or None, error or None) in input order. A window of records
+    is flushed when it holds `batch_size` images, so error rows stay in place between the
+    predictions around them.
+    """
+    window: list[tuple[object, np.ndarray | None, str | None]] = []
+    images = 0
+    for item in decoded:
+        window.append(item)
+        images += item[1] is not None
+        if images == batch_size:
+            _flush(window, predictor, table, topk)
+            window, images = [], 0
+    if window:
+        _flush(window, predictor, table, topk)
+
+
+def _flush(window, predictor, table: ShardTable, topk: int) -> None:
+    keys = [record.key for record, _, _ in window]
+    truth = [getattr(record, "label", None) for record, _, _ in window]
+    errors = [_row_error(record, image, error) for record, image, error in window]
+    arrays = [image for (_, image, _), e in zip(window, errors, strict=True) if e is None]
+    top_labels, top_scores, features = predict_topk(predictor, arrays, topk, table.embeddings)
+    table.add_rows(keys, errors, truth, top_labels, top_scores, features)
+
+
+def _row_error(record, image: np.ndarray | None, error: str | None) -> str | None:
+    if error is not None:
+        return error
+    if getattr(record, "error", None):
+        return record.error
+    if image is None:
+        return "no image data"
+    return None
+
+
+def predict_topk(
+    predictor, arrays: list[np.ndarray], topk: int, embeddings: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Top-k class ids and softmax probabilities (and pooled features) for a list of images."""
+    import torch
+
+    if not arrays:
+        empty = np.zeros((0, topk), np.int32)
+        return empty, empty.astype(np.float32), np.zeros((0, 0), np.float16) if embeddings else None
+    batch = torch.from_numpy(np.ascontiguousarray(np.stack(arrays), dtype=np.float32))
+    features = None
+    if embeddings:
+        logits, feats = predictor.predict_with_features(batch)
+        features = feats.float().cpu().numpy()
+    else:
+        logits = predictor.predict(batch)
+    probs = torch.softmax(logits.float(), dim=1)
+    scores, labels = probs.topk(min(topk, probs.shape[1]), dim=1)
+    return labels.to(torch.int32).numpy(), scores.numpy(), features
+
+
+def actor_class(max_restarts: int = 4):
+    """`ShardLabeler` as a Ray actor class that Ray restarts when its process or node dies.
+
+    max_task_retries stays 0: the driver resubmits a shard whose actor died, to whichever actor
+    is alive, and counts the attempts per shard, so a shard that kills every worker it touches
+    ends in failed_shards instead of being retried forever.
+    """
+    import ray
+
+    return ray.remote(max_restarts=max_restarts, max_task_retries=0)(ShardLabeler)
