@@ -41,6 +41,9 @@ def main(argv: Sequence[str] | None = None, commands=COMMANDS) -> int:
     args = build_parser(commands).parse_args(argv)
     try:
         return int(args.handler(args) or 0)
+    except BrokenPipeError:  # `mixer-label ... | head` closed the pipe: not an error
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
