@@ -110,7 +110,8 @@ class Storage(ABC):
         try:
             self.put_atomic(probe, b"probe\n")
         except StorageError as err:
-            raise StorageError(f"output not writable: {err}") from None
+            reason = str(err).removeprefix(f"{probe}: ").removeprefix("cannot write: ")
+            raise StorageError(f"{prefix_uri}: output not writable: {reason}") from None
         try:
             self.delete(probe)
         except StorageError as err:
@@ -326,10 +327,12 @@ class S3Storage(Storage):
         options: StorageOptions | None = None,
         multipart_threshold: int = MULTIPART_THRESHOLD,
         part_size: int = MULTIPART_PART_SIZE,
+        page_size: int = 1000,
     ):
         self.options = options or StorageOptions()
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
+        self.page_size = page_size  # keys per list request; 1000 is S3's maximum
         self._client: Any = None
         self._buckets_seen: set[str] = set()
 
@@ -352,11 +355,17 @@ class S3Storage(Storage):
         return "/".join(pieces)
 
     def list(self, prefix_uri: str) -> Iterator[ObjectInfo]:
-        bucket, key = split_s3_uri(prefix_uri)
+        bucket, key = split_s3_uri(prefix_uri)  # here, so a bad URI fails at the call
         prefix = key if not key or key.endswith("/") else key + "/"
+        return self._list(bucket, prefix, prefix_uri)
+
+    def _list(self, bucket: str, prefix: str, prefix_uri: str) -> Iterator[ObjectInfo]:
         paginator = self.client.get_paginator("list_objects_v2")
         try:
-            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            pages = paginator.paginate(
+                Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": self.page_size}
+            )
+            for page in pages:
                 for item in page.get("Contents", ()):
                     if item["Key"].endswith("/"):
                         continue  # a "folder" marker made by consoles, not an object
