@@ -61,7 +61,7 @@ def summary_markdown(summary: Mapping[str, Any], drift: DriftReport | None = Non
         f"| model sha256 | `{summary['model_sha256']}` |",
         f"| backend | {summary.get('backend') or '-'} ({summary.get('precision') or '-'}) |",
         f"| input | `{redact_uri(str(summary['input_uri']))}` |",
-        f"| output | `{redact_uri(str(summary['output_uri']))}` |",
+        f"| output | `{redact_uri(str(summary.get('partition_uri') or summary['output_uri']))}` |",
         f"| run id | `{summary['run_id']}` |",
     ]
     if drift is not None:
@@ -147,7 +147,7 @@ class ShardProgress:
         from prefect.artifacts import create_progress_artifact
 
         self.total = total
-        self.finished = self.images = self.failed = 0
+        self.finished = self.skipped = self.failed = self.images = 0
         self._lock = threading.Lock()
         self._min_interval_s = min_interval_s
         self._last_update = 0.0
@@ -158,8 +158,12 @@ class ShardProgress:
         )
 
     def description(self) -> str:
+        skipped = f" ({self.skipped} already done)" if self.skipped else ""
         failed = f", {self.failed} failed" if self.failed else ""
-        return f"{self.finished}/{self.total} shards labeled, {self.images:,} images{failed}"
+        return (
+            f"{self.finished}/{self.total} shards finished{skipped}{failed}, "
+            f"{self.images:,} images labeled"
+        )
 
     def percent(self) -> float:
         return 100.0 if self.total == 0 else min(100.0, 100.0 * self.finished / self.total)
@@ -170,8 +174,9 @@ class ShardProgress:
 
         with self._lock:
             self.finished += 1
-            self.images += int(getattr(result, "images", 0))
+            self.skipped += int(bool(getattr(result, "skipped", False)))
             self.failed += int(bool(getattr(result, "failed", False)))
+            self.images += int(getattr(result, "images", 0) or 0)
             now = time.monotonic()
             # Throttled so ten thousand small shards do not mean ten thousand API calls.
             if self.finished < self.total and now - self._last_update < self._min_interval_s:

@@ -1,0 +1,281 @@
+"""The nightly labeling flow: plan the shards, label them on Ray, summarize into artifacts.
+
+`label_images` is an ordinary typed function; its annotations (type, default, description)
+become the run form in the Prefect UI. The pipeline does the work; this module only orders
+it, retries what is safe to retry, and turns the result into artifacts a person reads.
+S3 credentials are never parameters: the flow's process (and Ray's nodes) take them from the
+environment or instance role, or from the Prefect Secret block named in MIXER_LABEL_AWS_BLOCK.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import zoneinfo
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field
+from pydantic.fields import FieldInfo
+
+from flows.drift import DriftReport, compare
+
+Backend = Literal["auto", "torch", "onnxruntime", "tensorrt"]
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+
+
+def Param(title: str, description: str, **constraints: Any) -> FieldInfo:
+    """A pydantic Field whose title and description reach the Prefect UI's run form.
+
+    Prefect wraps each parameter in its own Field (title = the name, description from the
+    docstring), which hides an Annotated Field's title and description; json_schema_extra is
+    the one part that survives that merge, so they travel there too.
+    """
+    extra = {"title": title, "description": description}
+    return Field(title=title, description=description, json_schema_extra=extra, **constraints)
+
+
+@dataclass
+class ShardPlan:
+    """What labeling needs from planning: the model's identity, the partition, every shard."""
+
+    model: Any  # pipeline.run.ModelIdentity
+    partition_uri: str
+    shards: list[Any]  # pipeline.run.PlannedShard
+
+    @property
+    def skipped(self) -> int:
+        return sum(1 for p in self.shards if p.skip_reason)
+
+
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry a listing that broke on the network, not one refused for a reason a retry can't fix."""
+    from pipeline.run import RunError
+    from pipeline.storage import ObjectNotFound
+
+    error = state.result(raise_on_failure=False)
+    # RunError: preflight found the input empty or missing, the output unwritable, the model
+    # unreadable; ValueError: a bad setting. The same call would fail the same way again.
+    return not isinstance(error, (RunError, ObjectNotFound, ValueError, TypeError))
+
+
+@task(
+    name="plan-shards",
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=_worth_retrying,
+    cache_policy=NO_CACHE,
+)
+def shard_plan(config: Any) -> ShardPlan:
+    """Check model, input and output, then list every shard and mark the ones already done."""
+    from pipeline.run import identify_model, plan_shards, preflight
+
+    model = identify_model(config)
+    partition, shards = preflight(config)
+    plan = ShardPlan(model, partition, list(plan_shards(config, model.sha256, shards)))
+    get_run_logger().info(
+        "%d shard(s) under %s, %d already labeled; model %s (sha256 %s)",
+        len(plan.shards),
+        config.input_uri,
+        plan.skipped,
+        model.name,
+        model.sha256[:12],
+    )
+    return plan
+
+
+# No retries: a shard is already retried inside the run, and re-running this task would start
+# a second actor pool over shards the first may have written.
+@task(name="label-shards", retries=0, cache_policy=NO_CACHE)
+def run_summary(plan: ShardPlan, config: Any) -> Any:
+    """The RunSummary of labeling the planned shards on Ray; a progress artifact follows along."""
+    from flows.artifacts import ShardProgress
+    from pipeline.run import label_shards, ray_session, write_summary
+
+    progress = ShardProgress(len(plan.shards), config.output_uri)
+    with ray_session(config.ray_address):
+        summary = label_shards(
+            plan.shards, config, on_shard_done=progress.shard_done, model=plan.model
+        )
+    write_summary(config, plan.partition_uri, summary)
+    return summary
+
+
+@task(name="compare-with-previous-night", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def drift_report(config: Any, date: str) -> DriftReport | None:
+    """This night's partition against the latest earlier one: class PSI and mean score change."""
+    from flows.partitions import previous_partition_stats, read_partition_stats
+    from pipeline.storage import StorageOptions, open_storage
+
+    storage = open_storage(config.output_uri, StorageOptions(endpoint_url=config.s3_endpoint_url))
+    current = read_partition_stats(storage, config.output_uri, date)
+    if current is None:
+        return None
+    report = compare(current, previous_partition_stats(storage, config.output_uri, date))
+    for warning in report.warnings:
+        get_run_logger().warning("DRIFT: %s", warning)
+    return report
+
+
+@task(name="summarize", cache_policy=NO_CACHE)
+def published_summary(summary: dict[str, Any], drift: DriftReport | None, output_uri: str) -> dict:
+    """The run summary, published as markdown and class-count table artifacts."""
+    from flows.artifacts import publish_run_artifacts
+
+    publish_run_artifacts(summary, drift, output_uri)
+    logger = get_run_logger()
+    logger.info(
+        "%d images (%d errors) in %.1f s, %.1f images/s -> %s",
+        summary["images"],
+        summary["errors"],
+        summary["seconds"],
+        summary["images_per_s"],
+        summary["output_uri"],
+    )
+    return summary
+
+
+def scheduled_date() -> dt.date:
+    """The date this run was scheduled for, in its schedule's time zone (UTC when unknown).
+
+    A nightly run that starts late, or is retried the next morning, still writes the partition
+    of the night it was meant for.
+    """
+    from prefect.runtime import flow_run
+
+    scheduled = flow_run.scheduled_start_time
+    return scheduled.astimezone(zoneinfo.ZoneInfo(_schedule_timezone())).date()
+
+
+def _schedule_timezone() -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import deployment
+
+    if not deployment.id:
+        return "UTC"
+    try:
+        with get_client(sync_client=True) as client:
+            schedules = client.read_deployment(deployment.id).schedules
+    except Exception:  # the date still works without the time zone; UTC is a fine fallback
+        return "UTC"
+    for item in schedules:
+        timezone = getattr(item.schedule, "timezone", None)
+        if timezone:
+            return timezone
+    return "UTC"
+
+
+@flow(
+    name="label-images",
+    description="Label image shards with an MLP-Mixer on Ray: one Parquet file per shard.",
+    validate_parameters=True,
+)
+def label_images(
+    input_uri: Annotated[
+        str,
+        Param(
+            title="Input",
+            description="Folder of shards: s3://bucket/prefix/ or a local path "
+            "(WebDataset .tar, Parquet with image bytes, or plain images).",
+            min_length=1,
+        ),
+    ],
+    output_uri: Annotated[
+        str,
+        Param(
+            title="Output",
+            description="Where predictions go: OUTPUT/date=YYYY-MM-DD/<shard>.parquet "
+            "(s3:// or a local path).",
+            min_length=1,
+        ),
+    ],
+    model: Annotated[
+        str,
+        Param(
+            title="Model",
+            description="Checkpoint path or s3:// URI (.safetensors, official .npz, timm .pth), "
+            "or a preset name such as B/16 (random weights, for benchmarks).",
+            min_length=1,
+        ),
+    ],
+    backend: Annotated[
+        Backend,
+        Param(
+            title="Backend",
+            description="Inference runtime; auto picks the fastest present "
+            "(TensorRT, then onnxruntime, then torch).",
+        ),
+    ] = "auto",
+    precision: Annotated[
+        Precision,
+        Param(title="Precision", description="auto: fp16/bf16 on GPUs, fp32 on CPUs."),
+    ] = "auto",
+    batch_size: Annotated[
+        int, Param(title="Batch size", description="Images per forward pass.", ge=1, le=4096)
+    ] = 64,
+    ray_address: Annotated[
+        str,
+        Param(
+            title="Ray address",
+            description="Ray cluster to run on, e.g. ray://head:10001 or auto; "
+            "empty starts a local Ray on this machine.",
+        ),
+    ] = "",
+    actors: Annotated[
+        int,
+        Param(
+            title="Actors",
+            description="Ray actors (model replicas); 0 = one per GPU, or per CPU slot.",
+            ge=0,
+        ),
+    ] = 0,
+    date: Annotated[
+        dt.date | None,
+        Param(
+            title="Partition date",
+            description="The date=YYYY-MM-DD partition to write; empty = the date this run "
+            "was scheduled for (so a late nightly run writes the right night).",
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        Param(
+            title="Force",
+            description="Label shards again even when their output exists for the same "
+            "input and model.",
+        ),
+    ] = False,
+) -> dict[str, Any]:
+    """Label every image under `input_uri` and write Parquet under `output_uri`."""
+    import os
+
+    from flows.secrets import load_aws_secret
+    from pipeline.run import RunConfig
+
+    load_aws_secret(os.environ.get("MIXER_LABEL_AWS_BLOCK"))
+    partition = (date or scheduled_date()).isoformat()
+    config = RunConfig(
+        input_uri=input_uri,
+        output_uri=output_uri,
+        model=model,
+        backend=backend,
+        precision=precision,
+        batch_size=batch_size,
+        ray_address=ray_address.strip() or None,
+        actors=actors or None,
+        date=partition,
+        force=force,
+        s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or None,
+    )
+    plan = shard_plan(config)
+    summary = run_summary(plan, config).to_dict()
+    drift = drift_report(config, partition)
+    published_summary(summary, drift, output_uri)
+    if summary["shards_failed"]:
+        failed = "; ".join(f"{f['shard']}: {f['error']}" for f in summary["failed_shards"][:5])
+        raise RuntimeError(
+            f"{summary['shards_failed']} of {summary['shards_total']} shard(s) failed "
+            f"(the others were written): {failed}"
+        )
+    return summary

@@ -1,0 +1,73 @@
+"""Read a date partition of predictions back: labeled images per class and their mean score.
+
+Drift compares whole partitions (shards labeled by earlier runs of the same night included),
+so it reads the Parquet files, two columns each, rather than trusting one run's counters.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+from flows.drift import PartitionStats
+
+LOOKBACK_DAYS = 7
+_COLUMNS = ["label_name", "score", "error"]
+
+
+def partition_uri(storage, output_uri: str, date: str) -> str:
+    """`OUTPUT/date=YYYY-MM-DD/`, the folder of one night's Parquet files."""
+    return storage.join(output_uri, f"date={date}") + "/"
+
+
+def read_partition_stats(storage, output_uri: str, date: str, threads: int = 8):
+    """Class counts and mean score of the labeled rows in one partition; None if it is empty."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    uris = [
+        info.uri
+        for info in storage.list(partition_uri(storage, output_uri, date))
+        if info.uri.endswith(".parquet") and not info.uri.rsplit("/", 1)[-1].startswith((".", "_"))
+    ]
+    if not uris:
+        return None
+
+    def one(uri: str) -> tuple[Counter, float, int]:
+        table = pq.read_table(io.BytesIO(storage.get(uri)), columns=_COLUMNS)
+        labeled = table.filter(
+            pc.and_(pc.is_null(table["error"]), pc.is_valid(table["label_name"]))
+        )
+        counts = Counter(
+            {
+                row["values"]: row["counts"]
+                for row in pc.value_counts(labeled["label_name"]).to_pylist()
+            }
+        )
+        return counts, float(pc.sum(labeled["score"]).as_py() or 0.0), labeled.num_rows
+
+    counts: Counter = Counter()
+    score_sum, labeled = 0.0, 0
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as pool:
+        for part_counts, part_sum, part_n in pool.map(one, uris):
+            counts.update(part_counts)
+            score_sum += part_sum
+            labeled += part_n
+    mean = score_sum / labeled if labeled else None
+    return PartitionStats(date=date, class_counts=dict(counts), mean_score=mean)
+
+
+def previous_partition_stats(
+    storage, output_uri: str, date: str, lookback_days: int = LOOKBACK_DAYS
+) -> PartitionStats | None:
+    """The latest partition before `date` within `lookback_days` (a skipped night is bridged)."""
+    day = dt.date.fromisoformat(date)
+    for back in range(1, lookback_days + 1):
+        stats = read_partition_stats(
+            storage, output_uri, (day - dt.timedelta(days=back)).isoformat()
+        )
+        if stats is not None and stats.images:
+            return stats
+    return None
