@@ -6,7 +6,15 @@ from collections.abc import Sequence
 
 from pipeline import cli as pipeline_cli
 
-COMMANDS = [*pipeline_cli.COMMANDS]
+COMMANDS = [
+    *pipeline_cli.COMMANDS,
+    (
+        "deploy",
+        "flows.deploy",
+        "the nightly Prefect deployment: serve it here until stopped, or register it on a "
+        "process work pool with --work-pool NAME",
+    ),
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
