@@ -1,0 +1,494 @@
+"""Shards: the unit of work. Find them under an input URI and stream their records.
+
+Three formats:
+- `tar`: WebDataset tars (also .tar.gz / .tgz). Members `KEY.EXT`; the key is the member path
+  up to the first dot of its file name (WebDataset's rule), so `a/b.jpg` + `a/b.cls` are one
+  sample `a/b`. `.cls` (an integer) and `.json` (with "label"/"cls"/"class"/"class_id") are
+  carried as the ground-truth label. Read as a stream (`tarfile` mode "r|*"), never written to
+  disk, never extracted: a member called `../../etc/passwd.jpg` is only the key
+  `../../etc/passwd`.
+- `parquet`: img2dataset-style files with an image-bytes column (`jpg`, `image`, ... or a
+  struct with a `bytes` field, as Hugging Face writes), a key column `key` or `url`, read one
+  row group at a time with only the needed columns fetched (ranged reads).
+- `images`: loose image files, grouped per folder into virtual shards of N images named
+  `images-000000`, `cats__images-000001`, ... Their ETag hashes the members' ETags, so adding
+  an image to a folder only redoes that folder's last shard.
+
+Data errors never raise mid-way: a truncated tar yields what it could read, then an error
+record `<shard>#truncated`. Storage errors (network, permissions) do raise, so the shard is
+retried.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import logging
+import re
+import tarfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pipeline.storage import ObjectInfo, ObjectNotFound, Storage, StorageError, one_line
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset(
+    {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "avif"}
+)
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+PARQUET_SUFFIXES = (".parquet",)
+# Image bytes above this become an error record instead of being read into memory.
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+_SIDE_FILE_MAX_BYTES = 1024 * 1024  # .cls / .json
+IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "image_bytes", "bytes")
+KEY_COLUMNS = ("key", "url", "id")
+LABEL_COLUMNS = ("label", "cls", "class", "class_id")
+FOLDER_SEPARATOR = "__"  # `train/000001.tar` -> shard name `train__000001`
+_MAX_NAME = 180
+
+ShardFormat = Literal["tar", "parquet", "images"]
+
+
+class ShardError(ValueError):
+    """A shard cannot be read as configured (e.g. no image column); names the shard URI."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work.
+
+    uri: the object (tar, parquet) or, for `images`, `<input prefix>#<name>`.
+    name: unique in the run and safe as a file name; the output is `<name>.parquet`.
+    etag: changes whenever the input does (resume compares it).
+    members: for `images` only, the image paths relative to the input prefix.
+    """
+
+    uri: str
+    name: str
+    etag: str
+    size: int
+    format: ShardFormat
+    members: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Record:
+    """One input image: its key within the shard and its bytes, or why there are none."""
+
+    key: str
+    data: bytes | None
+    label: int | None = None
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def list_shards(storage: Storage, input_uri: str, images_per_shard: int = 1000) -> Iterator[Shard]:
+    """Every shard under input_uri (a folder prefix, or one shard object), streamed in key order.
+
+    Tar and Parquet shards are yielded as soon as the listing reaches them; loose images are
+    yielded as each folder's group fills, and the remainders after the listing ends.
+    Files with other extensions and hidden paths (a part starting with ".") are skipped.
+    """
+    if images_per_shard < 1:
+        raise ValueError(f"images_per_shard must be at least 1, not {images_per_shard}")
+    base = input_uri.rstrip("/") or input_uri
+    names = _UniqueNames()
+    pending: dict[str, list[tuple[str, ObjectInfo]]] = {}
+    counters: dict[str, int] = {}
+
+    def image_shard(folder: str) -> Shard:
+        group, pending[folder] = pending[folder], []
+        index = counters.get(folder, 0)
+        counters[folder] = index + 1
+        stem = f"images-{index:06d}"
+        name = names.take(_flatten(f"{folder}/{stem}" if folder else stem), folder + stem)
+        digest = hashlib.sha256()
+        for rel, info in group:
+            digest.update(f"{rel}\0{info.etag}\0{info.size}\n".encode())
+        return Shard(
+            uri=f"{base}#{name}",
+            name=name,
+            etag=digest.hexdigest()[:32],
+            size=sum(info.size for _, info in group),
+            format="images",
+            members=tuple(rel for rel, _ in group),
+        )
+
+    listed = False
+    for info in storage.list(input_uri):
+        listed = True
+        rel = _relative(base, info.uri)
+        kind = shard_kind(rel)
+        if kind is None:
+            continue
+        if kind == "images":
+            folder = rel.rpartition("/")[0]
+            pending.setdefault(folder, []).append((rel, info))
+            if len(pending[folder]) >= images_per_shard:
+                yield image_shard(folder)
+        else:
+            name = names.take(_flatten(_strip_suffix(rel)), rel)
+            yield Shard(info.uri, name, info.etag, info.size, kind)
+    for folder in sorted(pending):
+        if pending[folder]:
+            yield image_shard(folder)
+    if not listed:
+        # Not a folder: maybe the URI names a single shard object.
+        info = storage.head(input_uri)
+        name = input_uri.rstrip("/").rpartition("/")[2]
+        kind = shard_kind(name) if info is not None else None
+        if info is not None and kind == "images":
+            single = _flatten(name)
+            yield Shard(f"{input_uri}#{single}", single, info.etag, info.size, "images", ("",))
+        elif info is not None and kind is not None:
+            yield Shard(info.uri, _flatten(_strip_suffix(name)), info.etag, info.size, kind)
+
+
+def shard_kind(path: str) -> ShardFormat | None:
+    """What a listed file is by its name: a tar or parquet shard, a loose image, or nothing."""
+    if any(part.startswith(".") for part in path.split("/")):
+        return None  # .DS_Store, ._resource forks, .git/...
+    lower = path.lower()
+    if lower.endswith(TAR_SUFFIXES):
+        return "tar"
+    if lower.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if lower.rpartition(".")[2] in IMAGE_EXTENSIONS and "." in lower.rpartition("/")[2]:
+        return "images"
+    return None
+
+
+def _relative(base: str, uri: str) -> str:
+    prefix = base if base.endswith("/") else base + "/"
+    return uri[len(prefix) :] if uri.startswith(prefix) else uri.rpartition("/")[2]
+
+
+def _strip_suffix(path: str) -> str:
+    lower = path.lower()
+    for suffix in TAR_SUFFIXES + PARQUET_SUFFIXES:
+        if lower.endswith(suffix):
+            return path[: -len(suffix)]
+    return path
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _flatten(path: str) -> str:
+    """A relative path as one safe file name: folders joined by "__", odd characters as "_"."""
+    name = FOLDER_SEPARATOR.join(_UNSAFE.sub("_", part) for part in path.split("/") if part)
+    if not name or name.startswith("."):
+        name = "_" + name
+    if len(name) > _MAX_NAME:
+        name = name[:_MAX_NAME] + "-" + hashlib.sha256(path.encode()).hexdigest()[:10]
+    return name
+
+
+class _UniqueNames:
+    """Hands out shard names, disambiguating a clash with a hash of the original path."""
+
+    def __init__(self) -> None:
+        self._taken: set[str] = set()
+
+    def take(self, name: str, source: str) -> str:
+        candidate = name
+        if candidate in self._taken:
+            candidate = f"{name}-{hashlib.sha256(source.encode()).hexdigest()[:10]}"
+        n = 2
+        while candidate in self._taken:
+            candidate, n = f"{name}-{n}", n + 1
+        self._taken.add(candidate)
+        return candidate
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_records(
+    storage: Storage,
+    shard: Shard,
+    image_column: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    fetch_threads: int = 16,
+) -> Iterator[Record]:
+    """Every record of the shard in order: one per image, with its bytes or an error.
+
+    image_column: the Parquet column holding image bytes (default: the first of IMAGE_COLUMNS).
+    fetch_threads: parallel GETs for `images` shards (loose files are latency-bound).
+    Raises StorageError when storage fails (retry the shard) and ShardError for a Parquet file
+    without the image column; never for broken data.
+    """
+    if shard.format == "tar":
+        return _tar_records(storage, shard, max_bytes)
+    if shard.format == "parquet":
+        return _parquet_records(storage, shard, image_column, max_bytes)
+    if shard.format == "images":
+        return _image_records(storage, shard, max_bytes, fetch_threads)
+    raise ShardError(f"{shard.uri}: unknown shard format {shard.format!r}")
+
+
+def too_large(size: int, limit: int) -> str:
+    """The one-line error for a file over the byte limit (shared with pipeline.preprocess)."""
+    return f"file too large: {size} bytes exceeds limit {limit}"
+
+
+# Errors that mean "the tar data is broken here", as opposed to storage failing (StorageError).
+_TAR_DATA_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, OSError)
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """WebDataset's rule: `dir/stem.ext.ext2` -> ("dir/stem", "ext.ext2")."""
+    if name.startswith("./"):
+        name = name[2:]  # `tar cf x.tar .` noise, not part of the key
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def _image_ext(ext: str) -> bool:
+    lower = ext.lower()
+    return lower in IMAGE_EXTENSIONS or lower.rpartition(".")[2] in IMAGE_EXTENSIONS
+
+
+def _tar_records(storage: Storage, shard: Shard, max_bytes: int) -> Iterator[Record]:
+    with storage.open(shard.uri) as stream:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 (closed with stream)
+        except _TAR_DATA_ERRORS as err:
+            reason = one_line(err)
+            yield Record(f"{shard.name}#unreadable", None, error=f"not a readable tar: {reason}")
+            return
+        sample_key: str | None = None
+        files: dict[str, bytes | str] = {}  # ext -> bytes, or an error string
+        count = 0
+        reading: str | None = None  # the extension whose data is being read
+        try:
+            while (member := tar.next()) is not None:
+                tar.members.clear()  # streaming: do not keep every TarInfo of a huge shard
+                key, ext = split_member_name(member.name)
+                if key != sample_key:
+                    if sample_key is not None:
+                        count += yield from _sample_records(sample_key, files)
+                    sample_key, files = key, {}
+                if member.isdir():
+                    continue
+                wanted = _image_ext(ext) or ext.lower() in ("cls", "json")
+                if not wanted or ext in files:
+                    continue  # captions, extra images of one sample: not ours to label
+                if not member.isfile():
+                    if _image_ext(ext):
+                        files[ext] = f"not a regular file in the tar (type {member.type!r})"
+                    continue
+                limit = max_bytes if _image_ext(ext) else _SIDE_FILE_MAX_BYTES
+                if member.size > limit:
+                    files[ext] = too_large(member.size, limit)
+                    continue
+                reading = ext
+                extracted = tar.extractfile(member)
+                files[ext] = extracted.read() if extracted is not None else b""
+                reading = None
+        except _TAR_DATA_ERRORS as err:
+            reason = one_line(err)
+            if reading is not None and _image_ext(reading):
+                files[reading] = f"truncated tar: member data cut off ({reason})"
+            if sample_key is not None:
+                count += yield from _sample_records(sample_key, files)
+            yield Record(
+                f"{shard.name}#truncated",
+                None,
+                error=f"truncated tar: the rest of the shard is unreadable after "
+                f"{count} records ({reason})",
+            )
+            return
+        if sample_key is not None:
+            yield from _sample_records(sample_key, files)
+
+
+def _sample_records(key: str, files: dict[str, bytes | str]) -> Iterator[Record]:
+    """The record of one WebDataset sample (none if it holds no image); returns the count."""
+    image = next((ext for ext in files if _image_ext(ext)), None)
+    if image is None:
+        log.debug("sample %r has no image member (%s); skipped", key, ", ".join(files))
+        return 0
+    label = _label(files)
+    data = files[image]
+    if isinstance(data, str):
+        yield Record(key, None, label, data)
+    else:
+        yield Record(key, data, label)
+    return 1
+
+
+def _label(files: dict[str, bytes | str]) -> int | None:
+    cls = files.get("cls")
+    if isinstance(cls, bytes):
+        try:
+            return int(cls.strip())
+        except ValueError:
+            pass
+    meta = files.get("json")
+    if isinstance(meta, bytes):
+        try:
+            value = json.loads(meta)
+        except ValueError:
+            return None
+        if isinstance(value, dict):
+            for name in LABEL_COLUMNS:
+                if isinstance(value.get(name), int) and not isinstance(value[name], bool):
+                    return value[name]
+    return None
+
+
+def _parquet_records(
+    storage: Storage, shard: Shard, image_column: str | None, max_bytes: int
+) -> Iterator[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(_RangeFile(storage, shard.uri, shard.size))
+    except StorageError:
+        raise
+    except Exception as err:  # ArrowInvalid, OSError: not Parquet, or a torn footer
+        yield Record(
+            f"{shard.name}#unreadable", None, error=f"not a readable parquet file: {one_line(err)}"
+        )
+        return
+    schema = parquet.schema_arrow
+    names = schema.names
+    column = image_column or next((c for c in IMAGE_COLUMNS if c in names), None)
+    if column is None or column not in names:
+        wanted = repr(image_column) if image_column else f"one of {', '.join(IMAGE_COLUMNS)}"
+        raise ShardError(
+            f"{shard.uri}: no image column {wanted} (columns: {', '.join(names)}); "
+            "name it with --image-column"
+        )
+    field_type = schema.field(column).type
+    if pa.types.is_struct(field_type):
+        if field_type.get_field_index("bytes") < 0:
+            raise ShardError(f"{shard.uri}: struct column {column!r} has no 'bytes' field")
+    elif not (pa.types.is_binary(field_type) or pa.types.is_large_binary(field_type)):
+        raise ShardError(f"{shard.uri}: column {column!r} is {field_type}, not image bytes")
+    key_column = next((c for c in KEY_COLUMNS if c in names and c != column), None)
+    label_column = next(
+        (c for c in LABEL_COLUMNS if c in names and pa.types.is_integer(schema.field(c).type)),
+        None,
+    )
+    columns = [c for c in (key_column, column, label_column) if c is not None]
+    row = 0
+    for group in range(parquet.num_row_groups):
+        group_rows = parquet.metadata.row_group(group).num_rows
+        try:
+            table = parquet.read_row_group(group, columns=columns)
+        except StorageError:
+            raise
+        except Exception as err:
+            yield Record(
+                f"{shard.name}#row-group-{group}",
+                None,
+                error=f"unreadable parquet row group {group} ({group_rows} rows): {one_line(err)}",
+            )
+            row += group_rows
+            continue
+        for start in range(0, table.num_rows, 256):  # bounded Python-object churn
+            batch = table.slice(start, 256)
+            images = batch.column(column).to_pylist()
+            keys = batch.column(key_column).to_pylist() if key_column else [None] * len(images)
+            labels = batch.column(label_column).to_pylist() if label_column else None
+            for i, value in enumerate(images):
+                key = str(keys[i]) if keys[i] is not None else str(row)
+                label = labels[i] if labels else None
+                data = value.get("bytes") if isinstance(value, dict) else value
+                if data is None:
+                    yield Record(key, None, label, "no image bytes (null)")
+                elif len(data) > max_bytes:
+                    yield Record(key, None, label, too_large(len(data), max_bytes))
+                else:
+                    yield Record(key, data, label)
+                row += 1
+
+
+class _RangeFile(io.RawIOBase):
+    """A seekable read-only file over an object, reading with ranged GETs (for Parquet)."""
+
+    def __init__(self, storage: Storage, uri: str, size: int | None = None):
+        super().__init__()
+        self._storage, self._uri, self._pos = storage, uri, 0
+        if size is None:
+            info = storage.head(uri)
+            if info is None:
+                raise ObjectNotFound(f"{uri}: no such object")
+            size = info.size
+        self._size = size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        end = self._size if size is None or size < 0 else min(self._size, self._pos + size)
+        if end <= self._pos:
+            return b""
+        data = self._storage.get(self._uri, self._pos, end)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _image_records(
+    storage: Storage, shard: Shard, max_bytes: int, fetch_threads: int
+) -> Iterator[Record]:
+    base = shard.uri.rpartition("#")[0]
+
+    def fetch(rel: str) -> Record:
+        uri = storage.join(base, rel) if rel else base
+        try:
+            # A ranged GET: never more than max_bytes + 1 in memory, whatever the file's size.
+            data = storage.get(uri, 0, max_bytes + 1)
+        except ObjectNotFound:
+            return Record(rel or uri, None, error="object disappeared after the listing")
+        if len(data) > max_bytes:
+            info = storage.head(uri)
+            return Record(rel, None, error=too_large(info.size if info else len(data), max_bytes))
+        return Record(rel or uri.rpartition("/")[2], data)
+
+    return ordered_map(fetch, shard.members, fetch_threads)
+
+
+def ordered_map(
+    fn: Callable[[Any], Any], items: Iterable[Any], threads: int, ahead: int | None = None
+) -> Iterator[Any]:
+    """fn over items in a thread pool, results in input order, at most `ahead` in flight."""
+    from collections import deque
+
+    ahead = ahead or 2 * threads
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="fetch") as pool:
+        window: deque = deque()
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) >= ahead:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
