@@ -169,13 +169,12 @@ def test_missing_required_field_fails():
 
 
 @pytest.mark.parametrize(("name", "spec"), list(cluster_specs()))
-def test_gpu_worker_groups_scale_from_zero(name, spec):
+def test_gpu_worker_groups_ask_for_whole_gpus(name, spec):
     groups = spec["workerGroupSpecs"]
-    assert spec["enableInTreeAutoscaling"] is True
     assert len({g["groupName"] for g in groups}) == len(groups), "group names must be unique"
     for group in groups:
         label = f"{name}:{group['groupName']}"
-        assert 0 == group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"], label
+        assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"], label
         (container,) = group["template"]["spec"]["containers"]
         requests = container["resources"]["requests"]
         limits = container["resources"]["limits"]
@@ -184,6 +183,23 @@ def test_gpu_worker_groups_scale_from_zero(name, spec):
         assert {"cpu", "memory"} <= set(requests), label
         tolerated = {t["key"] for t in group["template"]["spec"].get("tolerations", [])}
         assert "nvidia.com/gpu" in tolerated, label
+
+
+def test_raycluster_gpu_groups_scale_from_zero():
+    spec = one("raycluster.yaml", "RayCluster")["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    for group in spec["workerGroupSpecs"]:
+        assert group["minReplicas"] == group.get("replicas", 0) == 0, group["groupName"]
+        assert group["maxReplicas"] >= 1, group["groupName"]
+
+
+def test_rayjob_cluster_has_a_fixed_size():
+    """KubeRay submits once every pod is ready: the driver then sees every GPU it will get."""
+    spec = one("rayjob.yaml", "RayJob")["spec"]["rayClusterSpec"]
+    assert spec["enableInTreeAutoscaling"] is False
+    for group in spec["workerGroupSpecs"]:
+        assert group["minReplicas"] == group["replicas"] == group["maxReplicas"] >= 1
 
 
 @pytest.mark.parametrize(("name", "spec"), list(cluster_specs()))
@@ -212,9 +228,15 @@ def test_service_account_is_defined_beside_the_cluster():
     assert account["metadata"]["name"] == "mixer-label"
 
 
-def test_rayjob_runs_the_same_cluster_and_cleans_up():
+def test_rayjob_runs_the_pods_of_raycluster_and_cleans_up():
     job = one("rayjob.yaml", "RayJob")["spec"]
-    assert job["rayClusterSpec"] == one("raycluster.yaml", "RayCluster")["spec"]
+    cluster = one("raycluster.yaml", "RayCluster")["spec"]
+    ours = job["rayClusterSpec"]
+    assert ours["rayVersion"] == cluster["rayVersion"]
+    assert ours["headGroupSpec"] == cluster["headGroupSpec"]
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    for group in ours["workerGroupSpecs"]:
+        assert group["template"] == groups[group["groupName"]]["template"], group["groupName"]
     assert job["shutdownAfterJobFinishes"] is True
     assert job["ttlSecondsAfterFinished"] >= 0
     assert job["activeDeadlineSeconds"] > 0

@@ -62,7 +62,9 @@ def test_ray_up_config_checks_pass(config):
 def test_cpu_head_and_autoscaling_gpu_workers(config):
     types = config["available_node_types"]
     head = types[config["head_node_type"]]
-    assert head["resources"].get("GPU", 0) == 0
+    # No GPU, and no CPU slot either: actors must never land on the head.
+    assert head["resources"] == {"CPU": 0}
+    assert EC2_SHAPES[head["node_config"]["InstanceType"]][0] == 0
     gpu_types = {name: t for name, t in types.items() if t["resources"].get("GPU", 0) > 0}
     families = {t["node_config"]["InstanceType"].split(".")[0] for t in gpu_types.values()}
     assert {"g5", "p4d", "p5"} <= families
@@ -72,7 +74,7 @@ def test_cpu_head_and_autoscaling_gpu_workers(config):
         assert node_type["max_workers"] <= config["max_workers"], name
 
 
-@pytest.mark.parametrize("name", ["head.cpu", "gpu.g5", "gpu.p4d", "gpu.p5"])
+@pytest.mark.parametrize("name", ["gpu.g5", "gpu.p4d", "gpu.p5"])
 def test_resources_match_the_instance_type(config, name):
     node_type = config["available_node_types"][name]
     instance = node_type["node_config"]["InstanceType"]
