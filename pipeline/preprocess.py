@@ -101,7 +101,7 @@ def decode_rgb(
     except UnidentifiedImageError:
         raise ImageError(_not_an_image(data)) from None
     except Exception as err:  # plugins raise assorted types on hostile headers
-        raise ImageError(f"corrupt image: {_one_line(err)}") from None
+        raise _corrupt(err, _magic_format(data) or "image") from None
     width, height = image.size
     if width * height > limits.max_pixels:
         raise ImageError(f"too large: {width}x{height} pixels exceeds limit {limits.max_pixels}")
@@ -115,10 +115,7 @@ def decode_rgb(
             image.draft(image.mode, (target, target))
         image.load()
     except Exception as err:
-        message = _one_line(err)
-        if "truncated" in message.lower() or isinstance(err, EOFError):
-            raise ImageError(f"corrupt image: truncated {fmt}") from None
-        raise ImageError(f"corrupt image: {fmt}: {message}") from None
+        raise _corrupt(err, fmt) from None
     with contextlib.suppress(Exception):  # unreadable EXIF: keep the pixels as stored
         ImageOps.exif_transpose(image, in_place=True)
     return to_rgb(image)
@@ -191,6 +188,22 @@ def _one_line(err: object) -> str:
     return " ".join(str(err).split())[:200] or type(err).__name__
 
 
+def _corrupt(err: Exception, fmt: str) -> ImageError:
+    message = _one_line(err)
+    if "truncated" in message.lower() or isinstance(err, EOFError):
+        return ImageError(f"corrupt image: truncated {fmt}")
+    return ImageError(f"corrupt image: {fmt}: {message}")
+
+
+def _magic_format(data: bytes) -> str | None:
+    for magic, fmt in _MAGIC:
+        if data.startswith(magic):
+            return fmt
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
 def _header_size(data: bytes) -> tuple[int, int]:
     """Width and height from the header, without Pillow's bomb check (which hides them)."""
     prefix = data[:16]
@@ -217,12 +230,9 @@ _MAGIC = (
 
 def _not_an_image(data: bytes) -> str:
     """Why Pillow could not identify the bytes, with a guess at what they are."""
-    head = data[:512]
-    for magic, fmt in _MAGIC:
-        if head.startswith(magic):
-            return f"corrupt image: damaged or truncated {fmt} header"
-    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return "corrupt image: damaged or truncated WEBP header"
+    fmt = _magic_format(data)
+    if fmt is not None:
+        return f"corrupt image: damaged or truncated {fmt} header"
     kind = sniff_type(data)
     if kind.startswith("image/"):
         return f"unsupported image format ({kind})"

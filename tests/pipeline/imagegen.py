@@ -94,6 +94,13 @@ def png_bytes(
     return out.getvalue()
 
 
+def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    """Any PIL image as bytes in `fmt` (PNG, JPEG, WEBP, ...)."""
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
 def webp_bytes(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
     """A real (lossy) WebP of the pattern."""
     out = io.BytesIO()
