@@ -252,3 +252,5 @@ def test_rayjob_entrypoint_is_a_valid_mixer_label_run():
     assert argv[:2] == ["mixer-label", "run"]
     args = cli.build_parser().parse_args(argv[1:])
     assert args.command == "run"
+    assert args.ray_address == "auto"  # the driver joins the RayJob's own cluster
+    assert args.model.startswith("s3://")  # every node fetches it; no local path on pods
