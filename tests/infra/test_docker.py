@@ -95,6 +95,8 @@ def test_every_copied_path_exists_and_every_package_is_copied():
     copied = {s.rstrip("/") for s in sources}
     assert {"models", "pipeline", "flows"} <= packages
     assert packages <= copied, f"packages not copied into the image: {packages - copied}"
+    # flows.deploy reads prefect.yaml beside the packages (an editable install keeps it there).
+    assert "prefect.yaml" in copied
 
 
 def test_project_installed_with_gpu_and_tensorrt_extras_and_our_pins():
@@ -105,6 +107,7 @@ def test_project_installed_with_gpu_and_tensorrt_extras_and_our_pins():
     assert re.fullmatch(r"\d+\.\d+\.\d+\.\d+", args["TENSORRT_VERSION"])
     assert '"tensorrt==${TENSORRT_VERSION}"' in runs
     assert "--no-cache-dir" in runs
+    assert "pip install --no-cache-dir --no-deps -e ." in runs
 
 
 def test_dockerignore_keeps_the_venv_out_of_the_context():
