@@ -185,7 +185,7 @@ def label_images(
         str,
         Param(
             title="Output",
-            description="Where predictions go: OUTPUT/date=YYYY-MM-DD/<shard>.parquet "
+            description="Where predictions go: OUTPUT/date=YYYY-MM-DD/SHARD.parquet "
             "(s3:// or a local path).",
             min_length=1,
         ),
