@@ -144,8 +144,12 @@ def scheduled_date() -> dt.date:
     """
     from prefect.runtime import flow_run
 
-    scheduled = flow_run.scheduled_start_time
-    return scheduled.astimezone(zoneinfo.ZoneInfo(_schedule_timezone())).date()
+    return partition_date(flow_run.scheduled_start_time, _schedule_timezone())
+
+
+def partition_date(scheduled: dt.datetime, timezone: str = "UTC") -> dt.date:
+    """The calendar date of the instant `scheduled` in `timezone` (an IANA name)."""
+    return scheduled.astimezone(zoneinfo.ZoneInfo(timezone)).date()
 
 
 def _schedule_timezone() -> str:
