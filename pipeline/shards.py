@@ -21,18 +21,20 @@ retried.
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
 import io
 import json
 import logging
+import lzma
 import re
 import tarfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from pipeline.storage import ObjectInfo, ObjectNotFound, Storage, StorageError, one_line
 
@@ -241,7 +243,7 @@ def too_large(size: int, limit: int) -> str:
 
 
 # Errors that mean "the tar data is broken here", as opposed to storage failing (StorageError).
-_TAR_DATA_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, OSError)
+_TAR_DATA_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -261,7 +263,8 @@ def _image_ext(ext: str) -> bool:
 def _tar_records(storage: Storage, shard: Shard, max_bytes: int) -> Iterator[Record]:
     with storage.open(shard.uri) as stream:
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 (closed with stream)
+            reader = _TailReader(_decompressed(stream))
+            tar = tarfile.open(fileobj=reader, mode="r|")  # noqa: SIM115 (closed with stream)
         except _TAR_DATA_ERRORS as err:
             reason = one_line(err)
             yield Record(f"{shard.name}#unreadable", None, error=f"not a readable tar: {reason}")
@@ -295,21 +298,85 @@ def _tar_records(storage: Storage, shard: Shard, max_bytes: int) -> Iterator[Rec
                 extracted = tar.extractfile(member)
                 files[ext] = extracted.read() if extracted is not None else b""
                 reading = None
+            # tarfile ends quietly on a cut or damaged header; only an all-zero block is an end.
+            broken = _end_problem(reader, tar.offset)
         except _TAR_DATA_ERRORS as err:
-            reason = one_line(err)
+            broken = one_line(err)
             if reading is not None and _image_ext(reading):
-                files[reading] = f"truncated tar: member data cut off ({reason})"
-            if sample_key is not None:
-                count += yield from _sample_records(sample_key, files)
+                files[reading] = f"truncated tar: member data cut off ({broken})"
+        if sample_key is not None:
+            count += yield from _sample_records(sample_key, files)
+        if broken:
             yield Record(
                 f"{shard.name}#truncated",
                 None,
                 error=f"truncated tar: the rest of the shard is unreadable after "
-                f"{count} records ({reason})",
+                f"{count} records ({broken})",
             )
-            return
-        if sample_key is not None:
-            yield from _sample_records(sample_key, files)
+
+
+def _decompressed(stream: BinaryIO) -> BinaryIO:
+    """The stream itself, or a streaming decompressor over it (gzip, bzip2, xz)."""
+    magic = stream.peek(6)[:6] if hasattr(stream, "peek") else b""
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[return-value]
+    if magic.startswith(b"BZh"):
+        return bz2.BZ2File(stream)  # type: ignore[return-value]
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(stream)  # type: ignore[return-value]
+    return stream
+
+
+class _TailReader:
+    """Passes reads through, keeping the byte count and the last bytes read.
+
+    tarfile stops without an error at a truncated or invalid header past the first member;
+    the tail lets us look at the block where it stopped.
+    """
+
+    def __init__(self, raw: BinaryIO):
+        self._raw = raw
+        self._read1 = (
+            getattr(raw, "read1", None) if raw.__class__.__name__ != "BufferedReader" else None
+        )
+        self.error: str | None = None
+        self.total = 0
+        self._tail = bytearray()
+
+    def read(self, size: int = -1) -> bytes:
+        if self.error:
+            return b""
+        try:
+            # read1: a decompressor hands over what it has before it hits a cut, not nothing.
+            data = self._read1(size) if self._read1 else self._raw.read(size)
+        except (EOFError, zlib.error, lzma.LZMAError, OSError) as err:
+            # Seen by tarfile as a plain end of data (so it keeps what it buffered); reported
+            # by _end_problem.
+            self.error = one_line(err)
+            return b""
+        self.total += len(data)
+        self._tail += data
+        if len(self._tail) > 4 * tarfile.RECORDSIZE:
+            del self._tail[: -2 * tarfile.RECORDSIZE]
+        return data
+
+    def block_at(self, offset: int) -> bytes | None:
+        start = offset - (self.total - len(self._tail))
+        return bytes(self._tail[start : start + tarfile.BLOCKSIZE]) if start >= 0 else None
+
+
+def _end_problem(reader: _TailReader, offset: int) -> str | None:
+    """None if the tar ended with its end-of-archive block at `offset`, else what is wrong."""
+    block = reader.block_at(offset)
+    if reader.error:
+        return reader.error
+    if block is None:
+        return None  # tarfile read past our window: it saw more than a header; trust it
+    if len(block) < tarfile.BLOCKSIZE:
+        return f"unexpected end of data at byte {reader.total}"
+    if block.count(0) != tarfile.BLOCKSIZE:
+        return f"invalid tar header at byte {offset}"
+    return None
 
 
 def _sample_records(key: str, files: dict[str, bytes | str]) -> Iterator[Record]:
