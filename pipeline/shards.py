@@ -336,9 +336,7 @@ class _TailReader:
 
     def __init__(self, raw: BinaryIO):
         self._raw = raw
-        self._read1 = (
-            getattr(raw, "read1", None) if raw.__class__.__name__ != "BufferedReader" else None
-        )
+        self._read1 = getattr(raw, "read1", None)
         self.error: str | None = None
         self.total = 0
         self._tail = bytearray()
