@@ -98,6 +98,15 @@ def test_workers_install_the_project_with_gpu_and_tensorrt_extras(config):
     wanted = set(match.group(1).split(","))
     assert wanted == {"gpu", "tensorrt"}
     assert wanted <= extras, f"extras missing from pyproject.toml: {wanted - extras}"
+    # Same pins as the image: infra/docker/Dockerfile's ARGs.
+    dockerfile = (REPO / "infra" / "docker" / "Dockerfile").read_text()
+    for arg, package in (
+        ("TENSORRT_VERSION", "tensorrt"),
+        ("ONNXRUNTIME_GPU_VERSION", "onnxruntime-gpu"),
+    ):
+        pin = re.search(rf"^ARG {arg}=(\S+)$", dockerfile, re.M).group(1)
+        assert f"{package}=={pin}" in worker, package
+    assert "pip uninstall -y -q onnxruntime" in worker
     head = " ".join(config["head_setup_commands"])
     assert "-e /home/ray/mixer-label" in head
     for command in (worker, head):
