@@ -252,3 +252,28 @@ def test_decode_in_threads_raises_a_reader_failure_after_the_records_before_it()
         for record, _, _ in decode_in_threads(records(), SMALL, threads=2):
             seen.append(record.key)
     assert seen == ["a", "b"]
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_zoo_shard_from_storage_gives_one_outcome_per_image(backend, tmp_path, request):
+    """The data plane end to end, without the model: tar in storage -> records -> arrays."""
+    from pipeline.shards import list_shards, read_records
+    from pipeline.storage import open_storage
+
+    if backend == "local":
+        root = str(tmp_path / "in")
+    else:
+        root = f"s3://{request.getfixturevalue('s3_bucket')}/in"
+    storage = open_storage(root)
+    samples = imagegen.image_samples(3) + imagegen.zoo_samples()
+    storage.put_atomic(storage.join(root, "zoo.tar"), imagegen.tar_bytes(samples))
+    (shard,) = list_shards(storage, root)
+    out = list(decode_in_threads(read_records(storage, shard), SMALL, threads=2))
+    assert [r.key for r, _, _ in out] == [key for key, _ in samples]
+    zoo = imagegen.broken_zoo()
+    for record, array, error in out:
+        item = zoo.get(record.key.removeprefix("zoo-"))
+        if item is None or item.expect == "ok":
+            assert array is not None and error is None, (record.key, error)
+        else:
+            assert array is None and item.error_contains in error.lower(), (record.key, error)
