@@ -20,6 +20,7 @@ class UserFacingError(Exception):
 COMMANDS: list[tuple[str, str, str]] = [
     ("model", "pipeline.model_info", "inspect a model: `mixer-label model info CHECKPOINT|PRESET`"),
     ("run", "pipeline.run_command", "label every image under INPUT into Parquet under OUTPUT"),
+    ("train", "pipeline.train", "train a small Mixer on labeled shards (DATA/train, DATA/test)"),
 ]
 
 
