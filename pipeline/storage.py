@@ -12,6 +12,7 @@ streams page by page and is sorted by key. Byte ranges are half-open like a slic
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import logging
@@ -270,13 +271,21 @@ def _aws_env_fingerprint() -> str:
     return hashlib.sha256(repr(items).encode()).hexdigest()
 
 
-def s3_client(options: StorageOptions) -> Any:
+def s3_client(options: StorageOptions, max_attempts: int = 10) -> Any:
     """A cached boto3 S3 client for this process and these options.
 
     Clients are thread-safe and hold the connection pool, so one per process is shared by all
     threads; sessions are not thread-safe, so each is made once under a lock.
+    max_attempts: 10 rides out throttling (adaptive mode); a pre-flight check uses 2 so a
+    wrong endpoint fails in seconds, not after half a minute of back-off.
     """
-    key = (os.getpid(), options.endpoint_url, options.max_pool_connections, _aws_env_fingerprint())
+    key = (
+        os.getpid(),
+        options.endpoint_url,
+        options.max_pool_connections,
+        max_attempts,
+        _aws_env_fingerprint(),
+    )
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(key)
         if client is None:
@@ -284,7 +293,7 @@ def s3_client(options: StorageOptions) -> Any:
             from botocore.config import Config
 
             config = Config(
-                retries={"mode": "adaptive", "max_attempts": 10},  # backs off on SlowDown/503
+                retries={"mode": "adaptive", "max_attempts": max_attempts},  # SlowDown, 503
                 max_pool_connections=options.max_pool_connections,
                 connect_timeout=10,
                 read_timeout=60,
@@ -347,6 +356,12 @@ class S3Storage(Storage):
         if self._client is None:
             self._client = s3_client(self.options)
         return self._client
+
+    def check_writable(self, prefix_uri: str) -> None:
+        """As Storage.check_writable, with few retries: a pre-flight check must fail fast."""
+        probe = copy.copy(self)
+        probe._client = s3_client(self.options, max_attempts=2)
+        Storage.check_writable(probe, prefix_uri)
 
     def join(self, prefix_uri: str, *parts: str) -> str:
         pieces = [prefix_uri.rstrip("/")] + [p.strip("/") for p in parts if p.strip("/")]

@@ -273,3 +273,19 @@ def test_join_handles_slashes():
     assert local.join("/data/", "a", "b/") == "/data/a/b"
     assert local.join("/", "a") == "/a"
     assert local.join("rel", "a") == "rel/a"
+
+
+def test_unreachable_endpoint_fails_the_preflight_fast(s3_server):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    storage = open_storage(
+        "s3://any-bucket", StorageOptions(endpoint_url=f"http://127.0.0.1:{port}")
+    )
+    start = time.perf_counter()
+    with pytest.raises(StorageError, match=f"cannot reach the S3 endpoint http://127.0.0.1:{port}"):
+        storage.check_writable("s3://any-bucket/out")
+    assert time.perf_counter() - start < 10
