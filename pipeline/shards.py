@@ -528,16 +528,17 @@ def _image_records(
     base = shard.uri.rpartition("#")[0]
 
     def fetch(rel: str) -> Record:
-        uri = storage.join(base, rel) if rel else base
+        uri = storage.join(base, rel) if rel else base  # "" when the input was one image
+        key = rel or uri.rpartition("/")[2]
         try:
             # A ranged GET: never more than max_bytes + 1 in memory, whatever the file's size.
             data = storage.get(uri, 0, max_bytes + 1)
         except ObjectNotFound:
-            return Record(rel or uri, None, error="object disappeared after the listing")
+            return Record(key, None, error="object disappeared after the listing")
         if len(data) > max_bytes:
             info = storage.head(uri)
-            return Record(rel, None, error=too_large(info.size if info else len(data), max_bytes))
-        return Record(rel or uri.rpartition("/")[2], data)
+            return Record(key, None, error=too_large(info.size if info else len(data), max_bytes))
+        return Record(key, data)
 
     return ordered_map(fetch, shard.members, fetch_threads)
 

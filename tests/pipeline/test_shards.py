@@ -312,6 +312,11 @@ def test_a_single_shard_object_as_input(store):
     assert (shard.uri, shard.name, shard.format) == (uri, "only", "tar")
     assert [r.key for r in read_records(storage, shard)] == ["img-000000", "img-000001"]
     assert list(list_shards(storage, storage.join(root, "missing"))) == []
+    photo = storage.join(root, "photo.jpg")
+    storage.put_atomic(photo, b"jpeg bytes")
+    (single,) = list_shards(storage, photo)
+    assert (single.name, single.format) == ("photo.jpg", "images")
+    assert list(read_records(storage, single)) == [Record("photo.jpg", b"jpeg bytes")]
 
 
 def test_list_shards_streams_while_listing(s3_server, s3_bucket):
