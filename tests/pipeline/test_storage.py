@@ -289,3 +289,14 @@ def test_unreachable_endpoint_fails_the_preflight_fast(s3_server):
     with pytest.raises(StorageError, match=f"cannot reach the S3 endpoint http://127.0.0.1:{port}"):
         storage.check_writable("s3://any-bucket/out")
     assert time.perf_counter() - start < 10
+
+
+def test_custom_endpoints_use_path_style_addressing(monkeypatch):
+    # MinIO, Ceph and most S3-compatible servers need bucket-in-path URLs; no request is sent.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://minio.example:9000")
+    for options in (StorageOptions(), StorageOptions(endpoint_url="http://minio.example:9000")):
+        client = S3Storage(options).client
+        url = client.generate_presigned_url("get_object", Params={"Bucket": "bkt", "Key": "k"})
+        assert url.startswith("http://minio.example:9000/bkt/k?")
