@@ -60,7 +60,10 @@ class RunConfig:
             return self.date.isoformat()
         if not _DATE.match(self.date):
             raise ValueError(f"date must look like YYYY-MM-DD, not {self.date!r}")
-        dt.date.fromisoformat(self.date)  # rejects 2024-02-31
+        try:
+            dt.date.fromisoformat(self.date)  # rejects 2024-02-31
+        except ValueError as err:
+            raise ValueError(f"date {self.date!r} is not a calendar date: {err}") from None
         return self.date
 
     def replace(self, **changes: Any) -> RunConfig:
@@ -85,6 +88,7 @@ class ShardResult:
     attempts: int = 1
     started_at: float | None = None  # epoch seconds when the worker began the shard
     worker_pid: int | None = None  # the process that labeled it (debugging, fault tests)
+    worker_node: str | None = None  # its Ray node id, when it ran under Ray
 
 
 @dataclass

@@ -54,6 +54,7 @@ class ShardLabeler:
         self.model = resolve_model(local_model(spec.model, spec.storage_options))
         self.predictor = create(self.model, spec.backend, spec.precision, spec.device)
         self._storages: dict[str, object] = {}
+        self.node_id = _ray_node_id()
 
     def ping(self) -> int:
         """The worker's process id, once the model is loaded (used as a liveness check)."""
@@ -93,7 +94,18 @@ class ShardLabeler:
             precision=self.predictor.precision,
             started_at=started_at,
             worker_pid=os.getpid(),
+            worker_node=self.node_id,
         )
+
+
+def _ray_node_id() -> str | None:
+    """The Ray node this process runs on, or None outside Ray (plain tests, scripts)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # outside a worker the context may be incomplete; the id is optional
+        return None
 
 
 def file_metadata(labeler: ShardLabeler, shard) -> dict[str, str]:

@@ -1,0 +1,69 @@
+"""A node removed from a multi-node Ray cluster mid-run: the run still ends with complete output.
+
+The cluster (ray.cluster_utils.Cluster: a head and two worker nodes) lives in a child process,
+tests/pipeline/cluster_scenario.py, so it never shares a Ray connection with the test session.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from models.checkpoints import save_checkpoint
+from models.mixer import build_preset
+from pipeline.storage import open_storage
+from tests.pipeline import imagegen
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_removing_a_node_mid_run_still_gives_complete_output(s3_server, s3_bucket, tmp_path):
+    storage = open_storage(f"s3://{s3_bucket}")
+    keys = imagegen.write_tar_shards(
+        storage, f"s3://{s3_bucket}/in", shards=10, images_per_shard=10, size=(320, 240)
+    )
+    model = tmp_path / "tiny.safetensors"
+    save_checkpoint(build_preset("tiny"), model)
+    script = REPO / "tests" / "pipeline" / "cluster_scenario.py"
+    args = [f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", str(model), "2024-05-02"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    report = json.loads(lines[-1][len("RESULT ") :])
+    summary = report["summary"]
+    assert summary["shards_failed"] == 0 and summary["shards_done"] == 10
+    assert summary["actors"] == 2
+    lost, shards = report["lost"], report["shards"]
+    assert lost["node"] and lost["after"] < 10  # lost mid-run, with shards still to do
+    later = shards[lost["after"] :]
+    # The lost node labels nothing more; what it held was labeled again on the other one.
+    assert later and all(s["node"] != lost["node"] for s in later)
+    assert max(s["attempts"] for s in later) >= 2
+    rows = []
+    for info in storage.list(f"s3://{s3_bucket}/out"):
+        if info.uri.endswith(".parquet"):
+            rows += pq.read_table(io.BytesIO(storage.get(info.uri))).column("key").to_pylist()
+    assert Counter(rows) == Counter(keys)
+
+
+def _env() -> dict[str, str]:
+    """This environment (the S3 server's AWS_* included), with the checkout importable."""
+    import os
+
+    paths = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
