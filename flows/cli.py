@@ -14,6 +14,11 @@ COMMANDS = [
         "the nightly Prefect deployment: serve it here until stopped, or register it on a "
         "process work pool with --work-pool NAME",
     ),
+    (
+        "demo",
+        "flows.demo",
+        "the whole system on the digits data set: data, training, Prefect + Ray, checked results",
+    ),
 ]
 
 
