@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,13 @@ def export_onnx(
     path: str | Path,
     image_size: int | None = None,
     opset: int = OPSET,
+    output_names: Sequence[str] = (OUTPUT_NAME,),
 ) -> Path:
-    """Write `model` as ONNX with input `images` (batch, 3, H, W) and output `logits`."""
+    """Write `model` as ONNX with input `images` (batch, 3, H, W) and output `logits`.
+
+    A module that returns several tensors names them in `output_names`; every output gets
+    the dynamic batch axis.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = image_size or _image_size(model)
@@ -40,9 +46,9 @@ def export_onnx(
             (example,),
             str(tmp),
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=list(output_names),
             opset_version=opset,
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in output_names}},
             dynamo=False,  # the TorchScript exporter gives one LayerNormalization node per norm
             external_data=False,
         )
