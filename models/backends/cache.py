@@ -1,0 +1,58 @@
+"""Where exported graphs and built engines are kept: a local folder, or any store you pass.
+
+models/ knows nothing of S3; a remote cache (an S3 prefix shared by a cluster, so it builds a
+TensorRT engine once) is any object with `get(key) -> bytes | None` and `put(key, data)`.
+pipeline/ adapts its Storage to that protocol.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class CacheStore(Protocol):
+    """Bytes by key; `get` returns None for a key never put. Keys are safe file names."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, data: bytes) -> None: ...
+
+
+def default_cache_dir() -> Path:
+    """$MIXER_LABEL_CACHE, else $XDG_CACHE_HOME/mixer-label, else ~/.cache/mixer-label."""
+    if os.environ.get("MIXER_LABEL_CACHE"):
+        return Path(os.environ["MIXER_LABEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mixer-label"
+
+
+class LocalCacheStore:
+    """A folder of files named by key, each written atomically (temp file, then rename)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        if not key or "/" in key or "\\" in key or key.startswith("."):
+            raise ValueError(f"cache key {key!r} is not a plain file name")
+        return self.root / key
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def put(self, key: str, data: bytes) -> None:
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".tmp-", delete=False) as f:
+            f.write(data)
+        Path(f.name).replace(target)
+
+    def __repr__(self) -> str:
+        return f"LocalCacheStore({str(self.root)!r})"

@@ -1,0 +1,53 @@
+"""The ONNX graph that onnxruntime and TensorRT run: logits and features, precision inside.
+
+TensorRT 10+ builds strongly typed networks: each tensor's type comes from the graph, not
+from builder flags. So a reduced-precision graph carries its casts itself: the input is cast
+to fp16/bf16 once, every GEMM runs in that type, each LayerNorm casts up to fp32 and back
+(its mean and variance need the range), the pooled features are averaged in fp32 and the
+logits leave as fp32. The graph is `FusedMixer` (token-major, a GEMM stem, no Conv: ONNX's
+Conv has no bf16) exported by `models.export.export_onnx`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from models.backends.cache import default_cache_dir
+from models.backends.torch_fused import FusedMixer
+from models.export import OPSET, OUTPUT_NAME, export_onnx
+from models.mixer import MlpMixer
+
+FEATURES_NAME = "features"
+OUTPUT_NAMES = (OUTPUT_NAME, FEATURES_NAME)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+GRAPH_VERSION = 1  # bump when the exported graph changes, so caches do not serve old ones
+log = logging.getLogger(__name__)
+
+
+def export_module(model: MlpMixer, precision: str) -> FusedMixer:
+    """The module to export at `precision`: GELU computed (no table), LayerNorm in fp32."""
+    if precision not in DTYPES:
+        raise ValueError(f"ONNX graphs come in {', '.join(DTYPES)}, not {precision!r}")
+    return FusedMixer(model, DTYPES[precision], gelu_by_table=False, norm_in_fp32=True).eval()
+
+
+def onnx_file_name(model: MlpMixer, precision: str, opset: int = OPSET) -> str:
+    digest = model.sha256 or model.weights_sha256()
+    return f"mixer-{digest[:16]}-{precision}-opset{opset}-g{GRAPH_VERSION}.onnx"
+
+
+def export_cached(
+    model: MlpMixer, precision: str, cache_dir: str | Path | None = None, opset: int = OPSET
+) -> Path:
+    """The ONNX file of `model` at `precision`, exported once per weights sha256."""
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    path = folder / "onnx" / onnx_file_name(model, precision, opset)
+    if not path.exists():
+        log.info("exporting %s at %s to %s", model.name, precision, path)
+        export_onnx(
+            export_module(model, precision), path, model.config.image_size, opset, OUTPUT_NAMES
+        )
+    return path

@@ -1,0 +1,198 @@
+"""PyTorch on CPU (fp32, bf16, int8) and CUDA (fp32, bf16, fp16); no autograd anywhere.
+
+CPU:
+- fp32 and bf16 run `FusedMixer` (token-major, no transposes; bf16 *weights*, not autocast,
+  and GELU by table) compiled by Inductor with frozen weights, so oneDNN gets prepacked
+  weights and bias/GELU/residual fused into its GEMMs. Compilation is only worth it for
+  models of about a GFLOP per image and more; small ones run the same module eagerly.
+  A compiled predictor runs one batch shape: larger batches are split, a short last batch
+  is padded, so nothing recompiles mid-shard.
+- int8 quantizes every Linear dynamically (int8 weights, activations quantized per batch) on
+  the oneDNN engine where the CPU has AMX/VNNI, fbgemm's x86 engine elsewhere.
+CUDA: the same module at fp32/bf16/fp16, optionally compiled (max-autotune), replayed as a
+CUDA graph of one batch shape (static input buffer, padded last batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import shutil
+import warnings
+
+import torch
+
+from models.backends.auto import cpu_info
+from models.backends.base import BackendError, Predictor
+from models.backends.torch_fused import FusedMixer
+from models.mixer import MlpMixer
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CPU_PRECISIONS = ("fp32", "bf16", "int8")
+CUDA_PRECISIONS = ("fp32", "bf16", "fp16")
+COMPILE_MIN_GFLOP = 1.0  # below this per image, compiling costs more than it saves
+
+
+class TorchPredictor(Predictor):
+    """A MlpMixer on torch; see the module docstring for what runs where."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model: MlpMixer,
+        precision: str = "fp32",
+        device: str = "cpu",
+        batch_size: int | None = None,
+        compile: bool | None = None,
+        cuda_graphs: bool | None = None,
+        threads: int | None = None,
+    ) -> None:
+        super().__init__(model)
+        self.device = device
+        self.precision = precision
+        on_gpu = device.startswith("cuda")
+        allowed = CUDA_PRECISIONS if on_gpu else CPU_PRECISIONS
+        if precision not in allowed:
+            where = "CUDA" if on_gpu else "CPU"
+            raise BackendError(
+                f"torch on {where} runs precisions {', '.join(allowed)}, not {precision!r}"
+            )
+        if not on_gpu:
+            configure_threads(threads)
+        gflop = 2 * model.config.macs_per_image() / 1e9
+        if compile is None:
+            compile = gflop >= COMPILE_MIN_GFLOP and precision != "int8"
+            compile = compile and (on_gpu or compiler_available())
+        self.compiled = bool(compile)
+        self.cuda_graphs = on_gpu and (cuda_graphs is None or cuda_graphs)
+        self.preferred_batch_size = batch_size or (256 if on_gpu else 16)
+        # One fixed shape when compiled or graphed: split larger batches, pad smaller ones.
+        self.fixed_batch = self.compiled or self.cuda_graphs
+        self.max_batch_size = self.preferred_batch_size if self.fixed_batch else None
+        with torch.inference_mode():
+            self._forward = self._build(model, precision, device)
+
+    def _build(self, model: MlpMixer, precision: str, device: str):
+        if precision == "int8":
+            return _quantized_int8(model)
+        module = FusedMixer(model, DTYPES[precision]).to(device).eval()
+        size = self.config.image_size
+        example = torch.zeros(self.preferred_batch_size, 3, size, size, device=device)
+        forward = module
+        if self.compiled:
+            forward = _compile(module, example, device)
+            if forward is None:  # no working compiler: run eagerly, slower but correct
+                self.compiled = False
+                self.fixed_batch = self.cuda_graphs
+                self.max_batch_size = self.preferred_batch_size if self.fixed_batch else None
+                forward = module
+        if self.cuda_graphs:
+            forward = CudaGraphed(forward, example)
+        return forward
+
+    def _run(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(batch)
+        if self.fixed_batch and n < self.preferred_batch_size:
+            pad = batch.new_zeros(self.preferred_batch_size - n, *batch.shape[1:])
+            batch = torch.cat([batch, pad])
+        with torch.inference_mode():
+            if self.device != "cpu" and not isinstance(self._forward, CudaGraphed):
+                batch = batch.to(self.device, non_blocking=True)
+            logits, features = self._forward(batch)
+            return logits[:n].float().cpu(), features[:n].float().cpu()
+
+
+def configure_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads: `threads`, else OMP_NUM_THREADS, else the usable CPUs.
+
+    torch's default counts the host's cores, not this process's share (a container, a Ray
+    actor's CPUs), and oversubscribed OpenMP threads wait on each other at every barrier.
+    """
+    from models.backends.auto import usable_cpus
+
+    if threads is None and not os.environ.get("OMP_NUM_THREADS"):
+        threads = min(torch.get_num_threads(), usable_cpus())
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def compiler_available() -> bool:
+    """Inductor on CPU writes C++: is there a compiler to build it?"""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+
+
+def _compile(module: torch.nn.Module, example: torch.Tensor, device: str):
+    """torch.compile with frozen weights, warmed up on `example`; None if compiling fails."""
+    import torch._inductor.config as inductor_config
+
+    mode = None if device == "cpu" else "max-autotune-no-cudagraphs"
+    compiled = torch.compile(module, mode=mode, dynamic=False, fullgraph=True)
+    # Freezing folds the weights into constants (oneDNN prepacks them) and drops the
+    # originals, so the compiled predictor holds one copy of its weights.
+    patch = inductor_config.patch(freezing=True, freezing_discard_parameters=True)
+    try:
+        with patch, torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled(example)
+            compiled(example)  # the second call runs what was built, not the builder
+    except Exception as err:  # a missing or broken compiler toolchain, an unsupported op
+        log.warning("torch.compile failed, running eagerly: %s", str(err).splitlines()[0])
+        return None
+    return compiled
+
+
+def _quantized_int8(model: MlpMixer):
+    """A copy of `model` with every Linear dynamically quantized to int8, returning features."""
+    engine = "onednn" if cpu_info().amx or "avx512_vnni" in cpu_info().flags else "x86"
+    if engine not in torch.backends.quantized.supported_engines:
+        engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
+    torch.backends.quantized.engine = engine  # process-wide: packing and running must agree
+    with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model).float().eval(), {torch.nn.Linear}, dtype=torch.qint8
+        )
+
+    def forward(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = quantized.forward_features(batch)
+        return quantized.head(features), features
+
+    forward.engine = engine
+    return forward
+
+
+class CudaGraphed:
+    """Replays one captured CUDA graph of `fn` on a static input buffer of `example`'s shape."""
+
+    def __init__(self, fn, example: torch.Tensor) -> None:
+        self.static_input = example.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside capture: allocations, autotuning
+            for _ in range(3):
+                fn(self.static_input)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_output = fn(self.static_input)
+
+    def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.static_input.copy_(batch, non_blocking=True)
+        self.graph.replay()
+        return self.static_output
+
+
+@contextlib.contextmanager
+def quantized_engine(engine: str):
+    """Temporarily select a torch quantized engine (tests and the GEMM benchmark)."""
+    saved = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = saved

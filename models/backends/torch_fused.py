@@ -1,0 +1,117 @@
+"""The Mixer rewritten for inference speed: token-major layout, no transposes, GELU by table.
+
+The same arithmetic as `models.mixer.MlpMixer` (tests hold them equal in fp32), arranged for
+the hardware:
+
+- Activations live token-major, `(tokens * batch, channels)`. Channel mixing is then one GEMM
+  over all rows, and token mixing is one GEMM with the weight on the left,
+  `W (D_S, S) @ Y (S, batch * C)`, so neither sub-block needs a transpose (in the paper's
+  layout each block transposes twice, and those copies cost more than the token GEMMs).
+- The stem is a GEMM over flattened patches (kernel = stride = patch size), no convolution.
+- In bf16 the GELU is a 65,536-entry table indexed by the input's bits: exactly the model's
+  GELU (tanh or erf) rounded to bf16, but a gather instead of a tanh per element; on CPU the
+  tanh form otherwise costs as much as the GEMM that feeds it.
+- The pooled features are averaged in fp32. `norm_in_fp32` also runs every LayerNorm in fp32
+  (the ONNX export for TensorRT's strongly typed builds casts around each norm).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.mixer import MlpMixer
+
+
+def gelu_table(approximate: str, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """GELU of every 16-bit pattern of `dtype`, indexed by the pattern as an unsigned int."""
+    bits = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16)
+    values = bits.view(dtype).float()
+    return F.gelu(values, approximate=approximate).to(dtype)
+
+
+class FusedMixer(nn.Module):
+    """Inference-only MlpMixer at one dtype; `forward` returns (fp32 logits, fp32 features)."""
+
+    def __init__(
+        self,
+        model: MlpMixer,
+        dtype: torch.dtype,
+        gelu_by_table: bool | None = None,
+        norm_in_fp32: bool = False,
+    ) -> None:
+        super().__init__()
+        config = model.config
+        self.patch = config.patch_size
+        self.channels = config.hidden_dim
+        self.dtype = dtype
+        self.approximate = "tanh" if config.gelu == "tanh" else "none"
+        self.gelu_by_table = dtype == torch.bfloat16 if gelu_by_table is None else gelu_by_table
+        if self.gelu_by_table and dtype.itemsize != 2:
+            raise ValueError(f"a GELU table needs a 16-bit dtype, not {dtype}")
+
+        self.norm_dtype = torch.float32 if norm_in_fp32 else dtype
+
+        def weight(t: torch.Tensor, as_dtype: torch.dtype = dtype) -> nn.Parameter:
+            return nn.Parameter(t.detach().to(as_dtype).contiguous(), requires_grad=False)
+
+        def norm_weight(t: torch.Tensor) -> nn.Parameter:
+            return weight(t, self.norm_dtype)
+
+        self.stem_weight = weight(model.stem.weight.reshape(config.hidden_dim, -1))
+        self.stem_bias = weight(model.stem.bias)
+        self.blocks = nn.ModuleList()
+        for block in model.blocks:
+            fused = nn.Module()
+            fused.token_norm_weight = norm_weight(block.token_norm.weight)
+            fused.token_norm_bias = norm_weight(block.token_norm.bias)
+            fused.token_fc1_weight = weight(block.token_mixing.fc1.weight)
+            fused.token_fc1_bias = weight(block.token_mixing.fc1.bias[:, None])  # per row
+            fused.token_fc2_weight = weight(block.token_mixing.fc2.weight)
+            fused.token_fc2_bias = weight(block.token_mixing.fc2.bias[:, None])
+            fused.channel_norm_weight = norm_weight(block.channel_norm.weight)
+            fused.channel_norm_bias = norm_weight(block.channel_norm.bias)
+            fused.channel_fc1_weight = weight(block.channel_mixing.fc1.weight)
+            fused.channel_fc1_bias = weight(block.channel_mixing.fc1.bias)
+            fused.channel_fc2_weight = weight(block.channel_mixing.fc2.weight)
+            fused.channel_fc2_bias = weight(block.channel_mixing.fc2.bias)
+            self.blocks.append(fused)
+        self.norm_weight = norm_weight(model.pre_head_norm.weight)
+        self.norm_bias = norm_weight(model.pre_head_norm.bias)
+        self.head_weight = weight(model.head.weight)
+        self.head_bias = weight(model.head.bias)
+        if self.gelu_by_table:
+            self.register_buffer("gelu_values", gelu_table(self.approximate, dtype))
+
+    def gelu(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gelu_by_table:
+            index = x.view(torch.int16).to(torch.int32) & 0xFFFF
+            return self.gelu_values[index]
+        return F.gelu(x, approximate=self.approximate)
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.to(self.norm_dtype), (self.channels,), weight, bias, eps=1e-6)
+        return y.to(self.dtype)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, _, height, width = images.shape
+        p, c = self.patch, self.channels
+        rows, cols = height // p, width // p
+        tokens = rows * cols
+        # (B, 3, rows, p, cols, p) -> token-major patches (rows * cols * B, 3 * p * p)
+        patches = images.to(self.dtype).reshape(batch, 3, rows, p, cols, p)
+        patches = patches.permute(2, 4, 0, 1, 3, 5).reshape(tokens * batch, 3 * p * p)
+        x = F.linear(patches, self.stem_weight, self.stem_bias)  # (S * B, C)
+        for b in self.blocks:
+            y = self.norm(x, b.token_norm_weight, b.token_norm_bias).view(tokens, batch * c)
+            y = self.gelu(torch.mm(b.token_fc1_weight, y) + b.token_fc1_bias)
+            y = torch.mm(b.token_fc2_weight, y) + b.token_fc2_bias
+            x = x + y.view(tokens * batch, c)
+            y = self.norm(x, b.channel_norm_weight, b.channel_norm_bias)
+            y = self.gelu(F.linear(y, b.channel_fc1_weight, b.channel_fc1_bias))
+            x = x + F.linear(y, b.channel_fc2_weight, b.channel_fc2_bias)
+        x = F.layer_norm(x.to(self.norm_dtype), (c,), self.norm_weight, self.norm_bias, eps=1e-6)
+        features = x.view(tokens, batch, c).float().mean(dim=0)
+        logits = F.linear(features.to(self.dtype), self.head_weight, self.head_bias)
+        return logits.float(), features
