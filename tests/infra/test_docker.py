@@ -9,6 +9,7 @@ ports, volumes, healthchecks, depends_on and the addresses in the environment.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shutil
@@ -91,7 +92,14 @@ def test_every_copied_path_exists_and_every_package_is_copied():
             sources += parts[:-1]
     for source in sources:
         assert (REPO / source).exists(), f"COPY {source}: no such path in the repo"
-    packages = {p.parent.name for p in REPO.glob("*/__init__.py")}
+    # The packages the wheel ships: pyproject's [tool.setuptools.packages.find] include.
+    include = re.search(r"^include = \[(.*)\]$", (REPO / "pyproject.toml").read_text(), re.M)
+    patterns = re.findall(r'"([^"]+)"', include.group(1))
+    packages = {
+        p.parent.name
+        for p in REPO.glob("*/__init__.py")
+        if any(fnmatch.fnmatch(p.parent.name, pattern) for pattern in patterns)
+    }
     copied = {s.rstrip("/") for s in sources}
     assert {"models", "pipeline", "flows"} <= packages
     assert packages <= copied, f"packages not copied into the image: {packages - copied}"
