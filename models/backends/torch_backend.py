@@ -73,7 +73,7 @@ class TorchPredictor(Predictor):
         # One fixed shape when compiled or graphed: split larger batches, pad smaller ones.
         self.fixed_batch = self.compiled or self.cuda_graphs
         self.max_batch_size = self.preferred_batch_size if self.fixed_batch else None
-        with torch.inference_mode():
+        with torch.no_grad():
             self._forward = self._build(model, precision, device)
 
     def _build(self, model: MlpMixer, precision: str, device: str):
@@ -99,6 +99,10 @@ class TorchPredictor(Predictor):
         if self.fixed_batch and n < self.preferred_batch_size:
             pad = batch.new_zeros(self.preferred_batch_size - n, *batch.shape[1:])
             batch = torch.cat([batch, pad])
+        elif self.compiled and batch.is_inference():
+            # The compiled graph was built for ordinary tensors; an inference-mode tensor has
+            # other dispatch keys and would force a recompile (impossible: weights are frozen).
+            batch = batch.clone()
         with torch.inference_mode():
             if self.device != "cpu" and not isinstance(self._forward, CudaGraphed):
                 batch = batch.to(self.device, non_blocking=True)
