@@ -21,6 +21,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("model", "pipeline.model_info", "inspect a model: `mixer-label model info CHECKPOINT|PRESET`"),
     ("run", "pipeline.run_command", "label every image under INPUT into Parquet under OUTPUT"),
     ("train", "pipeline.train", "train a small Mixer on labeled shards (DATA/train, DATA/test)"),
+    ("bench", "models.bench", "model-only speed per backend/precision vs this machine's GEMM peak"),
 ]
 
 

@@ -150,23 +150,35 @@ def _compile(module: torch.nn.Module, example: torch.Tensor, device: str):
     return compiled
 
 
-def _quantized_int8(model: MlpMixer):
-    """A copy of `model` with every Linear dynamically quantized to int8, returning features."""
-    engine = "onednn" if cpu_info().amx or "avx512_vnni" in cpu_info().flags else "x86"
-    if engine not in torch.backends.quantized.supported_engines:
-        engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
-    torch.backends.quantized.engine = engine  # process-wide: packing and running must agree
+def int8_engine() -> str:
+    """The quantized engine for int8 linears: oneDNN where AMX/VNNI, else fbgemm's x86."""
+    info = cpu_info()
+    engine = "onednn" if info.amx or "avx512_vnni" in info.flags else "x86"
+    supported = torch.backends.quantized.supported_engines
+    if engine not in supported:
+        engine = "x86" if "x86" in supported else "fbgemm"
+    return engine
+
+
+def quantize_linears(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` (changed in place) with every Linear dynamically quantized to int8."""
+    torch.backends.quantized.engine = int8_engine()  # process-wide: packing and running agree
     with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice
         warnings.simplefilter("ignore")
-        quantized = torch.ao.quantization.quantize_dynamic(
-            copy.deepcopy(model).float().eval(), {torch.nn.Linear}, dtype=torch.qint8
+        return torch.ao.quantization.quantize_dynamic(
+            module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True
         )
+
+
+def _quantized_int8(model: MlpMixer):
+    """A copy of `model` with every Linear dynamically quantized to int8, returning features."""
+    quantized = quantize_linears(copy.deepcopy(model).float().eval())
 
     def forward(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = quantized.forward_features(batch)
         return quantized.head(features), features
 
-    forward.engine = engine
+    forward.engine = torch.backends.quantized.engine
     return forward
 
 

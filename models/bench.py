@@ -1,0 +1,416 @@
+"""`mixer-label bench`: model-only speed of every backend and precision, against the hardware.
+
+One run measures, on the same inputs and the same threads:
+- the GEMM peak of this machine (fp32, bf16, int8 via a quantized Linear; on a GPU fp32,
+  bf16, fp16) on the model's own largest GEMM, the channel MLP's (batch * tokens) x C x D_C;
+  the hardware limit in images/s is the best of those rates / FLOPs per image;
+- each predictor's throughput (images/s from the median batch latency) and latency, also as
+  % of that limit, and the time to create it (export, compile, engine build);
+- timm's eager fp32 model of the same geometry (mixer_b16_224 for B/16) as the reference;
+- top-1 agreement, max softmax probability difference and logits cosine of every predictor
+  against the paper-exact fp32 model on a fixed set of inputs;
+- peak resident memory of a fresh process that loads the weights, creates the `auto`
+  predictor and runs one batch, against the weights' size.
+Output: a markdown table on stdout, and everything as JSON with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchOptions:
+    model: str = "B/16"
+    backends: tuple[str, ...] = ("auto", "torch", "onnxruntime")
+    precisions: tuple[str, ...] = ("fp32", "bf16", "int8", "fp16")
+    batch_sizes: tuple[int, ...] = ()  # () -> each predictor's preferred batch size
+    seconds: float = 5.0
+    device: str = "auto"
+    threads: int | None = None
+    agreement_images: int = 64
+    inputs: str | None = None  # .npy of real, normalized images for the agreement check
+    gemm: bool = True
+    timm: bool = True
+    memory: bool = True
+    cache_dir: str | None = None
+    command: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def configurations(options: BenchOptions, device: str) -> list[tuple[str, str]]:
+    """(backend, precision) pairs to run: auto first, then each valid explicit pair once."""
+    from models.backends import available_backends, choose
+    from models.backends.onnxruntime_backend import PRECISIONS as ORT
+    from models.backends.tensorrt_backend import PRECISIONS as TRT
+    from models.backends.torch_backend import CPU_PRECISIONS, CUDA_PRECISIONS
+
+    on_gpu = device.startswith("cuda")
+    valid = {
+        "torch": CUDA_PRECISIONS if on_gpu else CPU_PRECISIONS,
+        "onnxruntime": ORT["cuda" if on_gpu else "cpu"],
+        "tensorrt": TRT if on_gpu else (),
+    }
+    present = available_backends(device)
+    pairs: list[tuple[str, str]] = []
+    if "auto" in options.backends:
+        auto = choose("auto", "auto", device)
+        pairs.append((auto.backend, auto.precision))
+    for backend in options.backends:
+        if backend == "auto":
+            continue
+        if backend not in present:
+            options.notes.append(f"{backend}: not available on {device} here")
+            continue
+        for precision in options.precisions:
+            if precision in valid[backend] and (backend, precision) not in pairs:
+                pairs.append((backend, precision))
+    return pairs
+
+
+def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict:
+    """Everything the module docstring lists, as one JSON-ready dict."""
+    import torch
+
+    from models.backends import BackendError
+    from models.backends.auto import cpu_info, gpu_info, resolve_device
+    from models.backends.torch_backend import configure_threads
+    from models.checkpoints import resolve_model
+    from models.measure import (
+        gemm_peaks,
+        load_inputs,
+        memory_in_fresh_process,
+        predict_all,
+        synthetic_images,
+    )
+
+    device = resolve_device(options.device)
+    on_gpu = device.startswith("cuda")
+    threads = torch.get_num_threads() if on_gpu else configure_threads(options.threads)
+    model = resolve_model(options.model).eval()
+    config = model.config
+    flops = 2 * config.macs_per_image()
+    gpu = gpu_info(torch.device(device).index or 0) if on_gpu else None
+    report: dict = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": options.command,
+        "machine": {
+            "cpu": cpu_info().describe(),
+            "gpu": gpu.describe() if gpu else None,
+            "device": device,
+            "threads": threads,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "model": {
+            "spec": options.model,
+            "name": model.name,
+            "parameters": model.num_parameters(),
+            "gflop_per_image": flops / 1e9,
+            "weights_mb": model.num_parameters() * 4 / 2**20,
+        },
+        "notes": options.notes,
+    }
+    pairs = configurations(options, device)
+    log(f"bench {model.name} on {device} ({threads} threads): {pairs}")
+    if options.inputs:
+        images = load_inputs(options.inputs, config.image_size)
+        options.notes.append(f"agreement on {len(images)} images from {options.inputs}")
+    else:
+        images = synthetic_images(options.agreement_images, config.image_size)
+        options.notes.append(f"agreement on {len(images)} synthetic smooth-noise images")
+    log(f"fp32 reference on {len(images)} inputs ...")
+    reference = predict_all(model, images, 16)
+
+    results = []
+    for backend, precision in pairs:
+        for batch_size in options.batch_sizes or (None,):
+            try:
+                results.append(
+                    _bench_predictor(
+                        model,
+                        backend,
+                        precision,
+                        device,
+                        batch_size,
+                        options,
+                        images,
+                        reference,
+                        log,
+                    )
+                )
+            except (BackendError, RuntimeError, ValueError) as err:
+                message = str(err).splitlines()[0][:200]
+                log(f"  {backend} {precision}: skipped ({message})")
+                options.notes.append(f"{backend} {precision}: skipped: {message}")
+            gc.collect()
+    sizes = sorted({r["batch_size"] for r in results} or {16})
+    if options.timm:
+        results += _bench_timm(config, images, options, sizes, log)
+
+    if options.gemm:
+        kinds = ("fp32", "bf16", "fp16") if on_gpu else ("fp32", "bf16", "int8")
+        log("GEMM peaks ...")
+        peaks = gemm_peaks(config, sizes, kinds, 2.0, device)
+        report["gemm"] = peaks
+        rate, kind = max((r, k) for k, rates in peaks.items() for r in rates.values())
+        limit = rate * 1e9 / flops
+        report["limit"] = {"gflops": rate, "kind": kind, "images_per_s": limit}
+        for result in results:
+            result["percent_of_limit"] = 100 * result["images_per_s"] / limit
+    report["results"] = results
+
+    if options.memory and "auto" in options.backends and pairs:
+        backend, precision = pairs[0]
+        batch = next((r["batch_size"] for r in results if r["backend"] == backend), 16)
+        log(f"peak memory of a fresh {backend} {precision} predictor ...")
+        report["memory"] = memory_in_fresh_process(options.model, backend, precision, batch, device)
+    return report
+
+
+def _bench_predictor(
+    model, backend, precision, device, batch_size, options, images, reference, log
+):
+    """One result row: create the predictor, check its agreement, time its batches."""
+    import torch
+
+    from models.backends import create
+    from models.measure import agreement, predict_all, repeat_to, time_batches
+
+    start = time.perf_counter()
+    predictor = create(
+        model,
+        backend,
+        precision,
+        device,
+        batch_size=batch_size,
+        threads=options.threads,
+        cache_dir=options.cache_dir,
+    )
+    setup = time.perf_counter() - start
+    batch = predictor.preferred_batch_size
+    quality = agreement(reference, predict_all(predictor.predict, images, batch))
+    x = repeat_to(images, batch)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    timing = time_batches(lambda: predictor.predict(x), batch, options.seconds, sync=sync)
+    row = {
+        "backend": predictor.name,
+        "precision": predictor.precision,
+        "device": predictor.device,
+        "setup_s": setup,
+        "compiled": getattr(predictor, "compiled", None),
+        **timing.to_dict(),
+        **quality,
+    }
+    log(
+        f"  {row['backend']:12s} {row['precision']:5s} batch {batch:4d}: "
+        f"{row['images_per_s']:9.1f} img/s  top-1 {quality['top1_agreement']:.3f}  "
+        f"(setup {setup:.0f} s)"
+    )
+    return row
+
+
+def _bench_timm(config, images, options, sizes, log) -> list[dict]:
+    """timm's eager fp32 model of the same geometry (random weights) on the same inputs."""
+    import torch
+
+    from models.measure import repeat_to, time_batches, timm_reference_name
+
+    name = timm_reference_name(config)
+    if name is None:
+        options.notes.append("timm: no timm model with this geometry; reference skipped")
+        return []
+    try:
+        import timm
+    except ImportError:
+        options.notes.append("timm: not installed; reference skipped")
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = timm.create_model(name, pretrained=False, num_classes=config.num_classes)
+    reference.eval()
+    rows = []
+    for batch in sizes:
+        x = repeat_to(images, batch)
+        with torch.inference_mode():
+            timing = time_batches(lambda x=x: reference(x), batch, options.seconds)
+        row = {"backend": f"timm {name} (eager)", "precision": "fp32", "device": "cpu"}
+        row.update(setup_s=0.0, **timing.to_dict())
+        log(f"  timm {name} fp32 eager batch {batch}: {row['images_per_s']:.1f} img/s")
+        rows.append(row)
+    options.notes.append(f"timm {name}: random weights (no download), eager fp32, same inputs")
+    return rows
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def format_markdown(report: dict) -> str:
+    """The report as markdown: machine, the results table, GEMM peaks, memory, notes."""
+    machine, model = report["machine"], report["model"]
+    cpu = machine["cpu"]
+    lines = [
+        f"**{model['name']}** ({model['parameters']:,} parameters, "
+        f"{model['gflop_per_image']:.1f} GFLOP/image) on {machine['device']}, "
+        f"{machine['threads']} threads, torch {machine['torch']}, {report['date']}",
+        "",
+        f"CPU: {cpu['model']} ({cpu['cpus']} CPUs; {', '.join(cpu['flags']) or 'no bf16/VNNI'}; "
+        f"torch dispatch {cpu['torch_capability']})",
+    ]
+    if machine.get("gpu"):
+        gpu = machine["gpu"]
+        lines.append(f"GPU: {gpu['name']} (compute capability {gpu['capability']})")
+    limit = report.get("limit")
+    if limit:
+        lines.append(
+            f"Hardware limit: {limit['images_per_s']:.1f} img/s "
+            f"({limit['kind']} GEMM at {limit['gflops']:.0f} GFLOP/s)"
+        )
+    lines += [
+        "",
+        "| backend | precision | batch | img/s | % of limit | p50 ms | p90 ms | top-1 agree"
+        " | max Δprob | min cos | setup s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        pct = f"{r['percent_of_limit']:.0f}%" if "percent_of_limit" in r else "-"
+        quality = (
+            f"{100 * r['top1_agreement']:.1f}% | {r['max_prob_diff']:.4f} | {r['min_cosine']:.4f}"
+            if "top1_agreement" in r
+            else "- | - | -"
+        )
+        lines.append(
+            f"| {r['backend']} | {r['precision']} | {r['batch_size']} | {r['images_per_s']:.1f} | "
+            f"{pct} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | {quality} | {r['setup_s']:.0f} |"
+        )
+    if report.get("gemm"):
+        lines += ["", "| GEMM (M x K x N) | " + " | ".join(report["gemm"]) + " |"]
+        lines.append("|---|" + "---:|" * len(report["gemm"]))
+        shapes = sorted({s for rates in report["gemm"].values() for s in rates})
+        for shape in shapes:
+            cells = [
+                f"{report['gemm'][k][shape]:.0f} GFLOP/s" if shape in report["gemm"][k] else "-"
+                for k in report["gemm"]
+            ]
+            lines.append(f"| {shape} | " + " | ".join(cells) + " |")
+    memory = report.get("memory")
+    if memory:
+        budget = 1.5 * memory["weights_mb"] + memory["activations_mb"]
+        lines += [
+            "",
+            f"Peak memory of a fresh {memory['backend']} {memory['precision']} predictor "
+            f"(load weights, create, one batch of {memory['batch_size']}): "
+            f"{memory['peak_mb']:.0f} MB above the interpreter's {memory['baseline_mb']:.0f} MB; "
+            f"{memory['after_mb']:.0f} MB held after; weights {memory['weights_mb']:.0f} MB fp32; "
+            f"budget 1.5 x weights + one batch's activations = {budget:.0f} MB.",
+        ]
+    if report.get("notes"):
+        lines += ["", *[f"- {note}" for note in report["notes"]]]
+    return "\n".join(lines)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="B/16", help="preset (B/16) or checkpoint file")
+    parser.add_argument(
+        "--backends",
+        default="auto,torch,onnxruntime",
+        help="comma list of auto, torch, onnxruntime, tensorrt (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--precisions",
+        default="fp32,bf16,int8,fp16",
+        help="comma list; each backend runs those it supports (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-sizes", default="", help="comma list (default: each predictor's preferred)"
+    )
+    parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per result")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    parser.add_argument("--inputs", default=None, help=".npy of normalized images for agreement")
+    parser.add_argument("--agreement-images", type=int, default=64)
+    parser.add_argument("--cache-dir", default=None, help="ONNX / TensorRT cache folder")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
+    parser.add_argument("--no-gemm", action="store_true", help="skip the GEMM peak")
+    parser.add_argument("--no-timm", action="store_true", help="skip timm's reference")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory probe")
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    def split(text: str) -> tuple[str, ...]:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+
+    try:
+        sizes = tuple(int(s) for s in split(args.batch_sizes))
+    except ValueError:
+        raise ValueError(f"--batch-sizes must be integers, not {args.batch_sizes!r}") from None
+    if any(s < 1 for s in sizes):
+        raise ValueError(f"--batch-sizes must be positive, not {args.batch_sizes!r}")
+    if args.seconds <= 0:
+        raise ValueError(f"--seconds must be positive, not {args.seconds}")
+    return BenchOptions(
+        model=args.model,
+        backends=split(args.backends),
+        precisions=split(args.precisions),
+        batch_sizes=sizes,
+        seconds=args.seconds,
+        device=args.device,
+        threads=args.threads,
+        agreement_images=args.agreement_images,
+        inputs=args.inputs,
+        gemm=not args.no_gemm,
+        timm=not args.no_timm,
+        memory=not args.no_memory,
+        cache_dir=args.cache_dir,
+        command="mixer-label bench " + " ".join(sys.argv[2:])
+        if len(sys.argv) > 1 and sys.argv[1] == "bench"
+        else "mixer-label bench",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    from models.backends import BACKENDS, PRECISIONS
+    from models.checkpoints import CheckpointError
+
+    try:
+        options = options_from_args(args)
+        for backend in options.backends:
+            if backend not in ("auto", *BACKENDS):
+                raise ValueError(
+                    f"unknown backend {backend!r} (known: auto, {', '.join(BACKENDS)})"
+                )
+        for precision in options.precisions:
+            if precision not in PRECISIONS:
+                raise ValueError(
+                    f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})"
+                )
+        report = run_bench(options, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except (CheckpointError, ValueError, OSError) as err:
+        print(f"mixer-label bench: error: {err}", file=sys.stderr)
+        return 2
+    print(format_markdown(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    return 0
+
+
+def _json_default(value: object) -> object:
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)  # type: ignore[arg-type]
+    return str(value)

@@ -1,0 +1,237 @@
+"""Measurement kernels of `mixer-label bench`: timing, GEMM peaks, agreement, memory.
+
+Small functions with no policy, each tested on the tiny preset; models/bench.py decides what
+to run and prints it.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+TIMM_NAMES = {  # (patch, hidden, blocks) -> timm model of that geometry at 224 px
+    (32, 512, 8): "mixer_s32_224",
+    (16, 512, 8): "mixer_s16_224",
+    (32, 768, 12): "mixer_b32_224",
+    (16, 768, 12): "mixer_b16_224",
+    (32, 1024, 24): "mixer_l32_224",
+    (16, 1024, 24): "mixer_l16_224",
+}
+
+
+@dataclass
+class Timing:
+    """Latencies of repeated runs of one batch."""
+
+    batch_size: int
+    latencies_s: list[float]
+
+    @property
+    def images_per_s(self) -> float:
+        """Throughput at the median latency (robust to a few slow runs)."""
+        return self.batch_size / statistics.median(self.latencies_s)
+
+    @property
+    def best_images_per_s(self) -> float:
+        return self.batch_size / min(self.latencies_s)
+
+    def percentile_ms(self, q: float) -> float:
+        ordered = sorted(self.latencies_s)
+        return 1e3 * ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "batch_size": self.batch_size,
+            "runs": len(self.latencies_s),
+            "images_per_s": self.images_per_s,
+            "best_images_per_s": self.best_images_per_s,
+            "p50_ms": self.percentile_ms(0.5),
+            "p90_ms": self.percentile_ms(0.9),
+        }
+
+
+def time_batches(
+    run: Callable[[], object],
+    batch_size: int,
+    seconds: float,
+    min_runs: int = 3,
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> Timing:
+    """Call `run` (one batch) `warmup` times, then for `seconds` (at least `min_runs` times)."""
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        run()
+    sync()
+    latencies: list[float] = []
+    start = time.perf_counter()
+    while len(latencies) < min_runs or time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        run()
+        sync()
+        latencies.append(time.perf_counter() - t)
+    return Timing(batch_size, latencies)
+
+
+def gemm_rate(
+    kind: str, m: int, k: int, n: int, seconds: float = 1.0, device: str = "cpu"
+) -> float:
+    """GFLOP/s of an (m x k) @ (k x n) GEMM with bias, as the model runs it, best of short runs.
+
+    fp32/bf16/fp16: a Linear at that dtype (oneDNN / cuBLAS). int8 on CPU: a dynamically
+    quantized Linear on the engine the int8 predictor uses, activation quantization included;
+    int8 on CUDA: torch._int_mm.
+    """
+    from models.backends.torch_backend import quantize_linears
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=generator)
+    linear = torch.nn.Linear(k, n)
+    if kind == "int8" and device == "cpu":
+        fn = quantize_linears(torch.nn.Sequential(linear)).eval()
+    elif kind == "int8":
+        x = torch.randint(-127, 127, (m, k), dtype=torch.int8, device=device)
+        w = torch.randint(-127, 127, (k, n), dtype=torch.int8, device=device)
+        fn = lambda _: torch._int_mm(x, w)  # noqa: E731
+    else:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[kind]
+        x = x.to(device, dtype)
+        fn = linear.to(device, dtype).eval()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    with torch.inference_mode():
+        rounds = [time_batches(lambda: fn(x), 1, seconds / 5, 2, 1, sync) for _ in range(5)]
+    best = min(min(r.latencies_s) for r in rounds)
+    return 2 * m * k * n / best / 1e9
+
+
+def gemm_peaks(
+    config, batch_sizes: Sequence[int], kinds: Sequence[str], seconds: float, device: str
+) -> dict[str, dict[str, float]]:
+    """{kind: {"M x K x N": GFLOP/s}} on the channel MLP's GEMM for each batch size."""
+    peaks: dict[str, dict[str, float]] = {}
+    for kind in kinds:
+        for batch in batch_sizes:
+            m, k, n = batch * config.num_tokens, config.hidden_dim, config.channels_mlp_dim
+            try:
+                rate = gemm_rate(kind, m, k, n, seconds, device)
+            except (RuntimeError, NotImplementedError) as err:
+                print(f"  GEMM {kind}: not measured ({str(err).splitlines()[0][:80]})")
+                continue
+            peaks.setdefault(kind, {})[f"{m}x{k}x{n}"] = rate
+    return peaks
+
+
+def agreement(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+    """Top-1 agreement, max softmax probability difference and logits cosine vs `reference`."""
+    reference, logits = reference.float(), logits.float()
+    cosine = F.cosine_similarity(logits, reference, dim=1)
+    prob_diff = (torch.softmax(logits, 1) - torch.softmax(reference, 1)).abs().max()
+    return {
+        "top1_agreement": float((logits.argmax(1) == reference.argmax(1)).float().mean()),
+        "max_prob_diff": float(prob_diff),
+        "min_cosine": float(cosine.min()),
+        "mean_cosine": float(cosine.mean()),
+    }
+
+
+def synthetic_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Smooth, image-like normalized inputs in [-1, 1]: upsampled low-resolution noise."""
+    generator = torch.Generator().manual_seed(seed)
+    low = torch.rand(count, 3, max(2, size // 8), max(2, size // 8), generator=generator)
+    images = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    detail = 0.1 * torch.randn(count, 3, size, size, generator=generator)
+    return (2 * images - 1 + detail).clamp(-1, 1).contiguous()
+
+
+def load_inputs(path: str | Path, size: int) -> torch.Tensor:
+    """Normalized (N, 3, size, size) float32 images from a .npy file (no pickles)."""
+    import numpy as np
+
+    array = np.load(path, allow_pickle=False)
+    if array.ndim != 4 or array.shape[1:] != (3, size, size):
+        raise ValueError(f"{path}: shape {array.shape}, expected (N, 3, {size}, {size})")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def predict_all(predict: Callable[[torch.Tensor], torch.Tensor], images, batch: int):
+    """`predict` over `images` in batches, concatenated."""
+    with torch.inference_mode():
+        return torch.cat([predict(images[i : i + batch]) for i in range(0, len(images), batch)])
+
+
+def repeat_to(images: torch.Tensor, count: int) -> torch.Tensor:
+    """The first `count` of `images`, repeated as often as needed (a timing batch)."""
+    times = -(-count // len(images))
+    return images.repeat(times, 1, 1, 1)[:count].contiguous()
+
+
+def timm_reference_name(config) -> str | None:
+    """timm's model with `config`'s geometry at 224 px, if there is one."""
+    if config.image_size != 224:
+        return None
+    return TIMM_NAMES.get((config.patch_size, config.hidden_dim, config.num_blocks))
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; 0 where unknown)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def memory_probe(model_spec: str, backend: str, precision: str, batch_size: int, device: str):
+    """Run in a fresh process: peak RSS of loading, creating the predictor and one batch."""
+    from models.backends import create
+    from models.checkpoints import resolve_model
+
+    torch.zeros(1)  # torch's own allocations belong to the baseline
+    baseline = current_rss_bytes()
+    model = resolve_model(model_spec)
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    config = model.config
+    predictor = create(model, backend, precision, device, batch_size=batch_size)
+    described = predictor.describe()
+    del model
+    gc.collect()
+    size = config.image_size
+    predictor.predict(synthetic_images(batch_size, size))
+    # One batch's largest live activations: the channel MLP's hidden layer and its input.
+    act_bytes = (
+        4 * batch_size * config.num_tokens * (config.channels_mlp_dim + 2 * config.hidden_dim)
+    )
+    return {
+        "backend": described["backend"],
+        "precision": described["precision"],
+        "batch_size": batch_size,
+        "weights_mb": weights / 2**20,
+        "activations_mb": act_bytes / 2**20,
+        "peak_mb": (peak_rss_bytes() - baseline) / 2**20,
+        "after_mb": (current_rss_bytes() - baseline) / 2**20,
+        "baseline_mb": baseline / 2**20,
+    }
+
+
+def memory_in_fresh_process(*args) -> dict[str, float]:
+    """`memory_probe(*args)` in a spawned process, so nothing measured before counts."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(memory_probe, args)
