@@ -1,0 +1,205 @@
+"""mixer-label bench: measurement kernels and a whole run on the tiny preset (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.bench import BenchOptions, configurations, format_markdown
+from models.measure import (
+    Timing,
+    agreement,
+    gemm_peaks,
+    gemm_rate,
+    load_inputs,
+    memory_probe,
+    repeat_to,
+    synthetic_images,
+    time_batches,
+    timm_reference_name,
+)
+from models.mixer import PRESETS
+from pipeline.cli import main as cli_main
+
+
+def test_timing_statistics():
+    timing = Timing(8, [0.1, 0.4, 0.2, 0.2, 0.3])
+    assert timing.images_per_s == pytest.approx(8 / 0.2)
+    assert timing.best_images_per_s == pytest.approx(80)
+    assert timing.percentile_ms(0.5) == pytest.approx(200)
+    assert timing.percentile_ms(0.9) == pytest.approx(400)
+    assert timing.to_dict()["runs"] == 5
+
+
+def test_time_batches_warms_up_then_runs_at_least_min_runs():
+    calls = []
+    timing = time_batches(lambda: calls.append(1), batch_size=4, seconds=0.0, min_runs=3, warmup=2)
+    assert len(calls) == 5 and len(timing.latencies_s) == 3
+    assert all(t >= 0 for t in timing.latencies_s)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
+def test_gemm_rate_measures_a_real_gemm(kind):
+    rate = gemm_rate(kind, 64, 64, 128, seconds=0.05)
+    print(f"{kind} 64x64x128: {rate:.1f} GFLOP/s")
+    assert math.isfinite(rate) and rate > 0
+
+
+def test_gemm_peaks_use_the_channel_mlp_shape():
+    config = PRESETS["tiny"]
+    peaks = gemm_peaks(config, [2], ["fp32"], 0.05, "cpu")
+    assert list(peaks["fp32"]) == [f"{2 * config.num_tokens}x64x128"]
+
+
+def test_agreement_of_identical_and_of_flipped_logits():
+    reference = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 2.0], [2.0, 0.5, 0.0]])
+    same = agreement(reference, reference.clone())
+    assert same == {
+        "top1_agreement": 1.0,
+        "max_prob_diff": 0.0,
+        "min_cosine": pytest.approx(1.0),
+        "mean_cosine": pytest.approx(1.0),
+    }
+    flipped = reference.clone()
+    flipped[1] = torch.tensor([2.0, 0.0, 1.0])
+    result = agreement(reference, flipped)
+    assert result["top1_agreement"] == 0.75
+    assert result["max_prob_diff"] > 0.3 and result["min_cosine"] < 0.9
+
+
+def test_synthetic_images_are_fixed_normalized_and_smooth():
+    a, b = synthetic_images(4, 32), synthetic_images(4, 32)
+    assert a.shape == (4, 3, 32, 32) and a.dtype == torch.float32
+    assert torch.equal(a, b)  # the same inputs every run
+    assert a.min() >= -1 and a.max() <= 1
+    assert not torch.equal(a, synthetic_images(4, 32, seed=1))
+
+
+def test_load_inputs_reads_npy_and_refuses_bad_files(tmp_path):
+    good = tmp_path / "good.npy"
+    np.save(good, np.zeros((5, 3, 32, 32), np.float32))
+    assert load_inputs(good, 32).shape == (5, 3, 32, 32)
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((5, 32, 32, 3), np.float32))
+    with pytest.raises(ValueError, match=r"expected \(N, 3, 32, 32\)"):
+        load_inputs(wrong, 32)
+    pickled = tmp_path / "pickled.npy"
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="pickle"):
+        load_inputs(pickled, 32)
+
+
+def test_repeat_to_fills_a_batch():
+    images = torch.arange(3.0).view(3, 1, 1, 1)
+    assert repeat_to(images, 7).flatten().tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert repeat_to(images, 2).flatten().tolist() == [0, 1]
+
+
+def test_timm_reference_is_the_same_geometry():
+    assert timm_reference_name(PRESETS["B/16"]) == "mixer_b16_224"
+    assert timm_reference_name(PRESETS["S/32"]) == "mixer_s32_224"
+    assert timm_reference_name(PRESETS["tiny"]) is None
+
+
+def test_memory_probe_reports_weights_and_peak():
+    result = memory_probe("tiny", "torch", "fp32", 4, "cpu")
+    params = sum(
+        p.numel() for p in __import__("models.mixer").mixer.build_preset("tiny").parameters()
+    )
+    assert result["weights_mb"] == pytest.approx(params * 4 / 2**20)
+    assert result["peak_mb"] >= 0 and result["activations_mb"] > 0
+
+
+def test_configurations_put_auto_first_and_run_each_pair_once():
+    options = BenchOptions(
+        backends=("auto", "torch", "tensorrt"), precisions=("bf16", "fp16", "int8")
+    )
+    pairs = configurations(options, "cpu")
+    assert pairs[0][0] == "torch" and len(pairs) == len(set(pairs))
+    assert ("torch", "fp16") not in pairs  # not a CPU precision
+    assert any("tensorrt" in note for note in options.notes)
+
+
+def test_whole_run_on_tiny_gives_table_and_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    code = cli_main(
+        [
+            "bench",
+            "--model",
+            "tiny",
+            "--seconds",
+            "0.05",
+            "--agreement-images",
+            "8",
+            "--backends",
+            "auto,torch,onnxruntime",
+            "--precisions",
+            "fp32,bf16",
+            "--batch-sizes",
+            "4",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--json",
+            str(path),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| backend | precision | batch | img/s | % of limit |" in out
+    report = json.loads(path.read_text())
+    rows = {(r["backend"], r["precision"]) for r in report["results"]}
+    assert {("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32")} <= rows
+    for row in report["results"]:
+        assert row["batch_size"] == 4 and row["images_per_s"] > 0
+        assert 0 <= row["top1_agreement"] <= 1 and row["percent_of_limit"] > 0
+    assert set(report["gemm"]) == {"fp32", "bf16", "int8"}
+    assert report["limit"]["images_per_s"] > 0
+    assert report["memory"]["backend"] == "torch" and report["memory"]["peak_mb"] >= 0
+    assert report["machine"]["cpu"]["cpus"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch-sizes", "x"], "--batch-sizes must be integers"),
+        (["--backends", "tflite"], "unknown backend 'tflite'"),
+        (["--precisions", "fp8"], "unknown precision 'fp8'"),
+        (["--model", "no-such-model"], "neither a checkpoint file nor a preset"),
+        (["--seconds", "0"], "--seconds must be positive"),
+    ],
+)
+def test_bad_arguments_give_one_line_errors(args, message, capsys):
+    assert cli_main(["bench", "--no-memory", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and err[0].startswith("mixer-label bench: error:")
+
+
+def test_markdown_of_a_report_without_gemm_or_memory():
+    report = {
+        "date": "2026-01-01",
+        "machine": {
+            "cpu": {"model": "X", "cpus": 2, "flags": [], "torch_capability": "AVX2"},
+            "device": "cpu",
+            "threads": 2,
+            "torch": "2",
+        },
+        "model": {"name": "m", "parameters": 10, "gflop_per_image": 1.0},
+        "results": [
+            {
+                "backend": "torch",
+                "precision": "fp32",
+                "batch_size": 2,
+                "images_per_s": 3.0,
+                "p50_ms": 1,
+                "p90_ms": 2,
+                "setup_s": 0,
+            }
+        ],
+        "notes": ["n"],
+    }
+    text = format_markdown(report)
+    assert "| torch | fp32 | 2 | 3.0 | - |" in text and "- n" in text
