@@ -52,7 +52,15 @@ class ShardLabeler:
             torch.set_num_threads(spec.threads)
         self.spec = spec
         self.model = resolve_model(local_model(spec.model, spec.storage_options))
-        self.predictor = create(self.model, spec.backend, spec.precision, spec.device)
+        # The run's batch size is the predictor's too: a compiled graph has one fixed shape.
+        self.predictor = create(
+            self.model,
+            spec.backend,
+            spec.precision,
+            spec.device,
+            batch_size=spec.batch_size,
+            threads=spec.threads,
+        )
         self._storages: dict[str, object] = {}
         self.node_id = _ray_node_id()
 

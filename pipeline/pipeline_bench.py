@@ -1,0 +1,335 @@
+"""End-to-end benchmark: JPEGs in an S3 API server → `mixer-label run` → Parquet, versus the rest.
+
+In one process, on the same images, model, backend and cores, it measures
+1. model-only throughput of the predictor (the ceiling; the target is ≥ 0.8× of it),
+2. the pipeline end to end (`run_labeling`),
+3. the plain Ray Data script in bench/raydata_baseline.py (the target is ≥ 1.0× of it),
+4. how soon the first shard is labeled on a prefix of many shards while it is still listed.
+
+    python -m pipeline.pipeline_bench --model B/16 --images 256 --json out.json
+
+Without --s3-endpoint-url it starts a moto S3 server on loopback (pip install moto[server]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    """A moto S3 server on a free loopback port, and its endpoint URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return process, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    process.terminate()
+    raise RuntimeError("moto server did not start (is moto[server] installed?)")
+
+
+def photo_like_jpeg(seed: int, width: int = 500, height: int = 375) -> bytes:
+    """A JPEG about the size and entropy of an ImageNet photo: smooth shapes plus grain."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    channels = []
+    for _ in range(3):
+        fx, fy, phase = rng.uniform(0.005, 0.05, 2).tolist() + [rng.uniform(0, 6.3)]
+        channels.append(127 + 100 * np.sin(fx * x + phase) * np.cos(fy * y))
+    pixels = np.stack(channels, axis=-1) + rng.normal(0, 12, (height, width, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def upload(storage, items: list[tuple[str, bytes]], threads: int = 16) -> None:
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda item: storage.put_atomic(*item), items))
+
+
+def model_only(model: str, backend: str, precision: str, batch_size: int, seconds: float) -> dict:
+    """Images/s of predictor.predict alone on one normalized batch, after a warm-up."""
+    import torch
+
+    from models.backends import create
+    from models.checkpoints import resolve_model
+
+    mixer = resolve_model(model)
+    predictor = create(mixer, backend, precision, "auto", batch_size=batch_size)
+    size = mixer.config.image_size
+    batch = torch.randn(batch_size, 3, size, size)
+    predictor.predict(batch)  # warm-up: allocations, compilation, autotuning
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or done < 2 * batch_size:
+        predictor.predict(batch)
+        done += batch_size
+    elapsed = time.perf_counter() - start
+    return {
+        "images_per_s": done / elapsed,
+        "backend": predictor.name,
+        "precision": predictor.precision,
+    }
+
+
+class _Stop(Exception):
+    pass
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    from pipeline.run import RunConfig, run_labeling
+    from pipeline.storage import StorageOptions, open_storage
+
+    moto = None
+    endpoint = args.s3_endpoint_url
+    if endpoint is None:
+        moto, endpoint = start_moto()
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_ENDPOINT_URL_S3=endpoint,
+        )
+    results: dict[str, Any] = {"machine": _machine(), "args": vars(args)}
+    try:
+        import boto3
+
+        bucket = f"mixer-bench-{int(time.time())}"
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+        storage = open_storage(f"s3://{bucket}", StorageOptions(endpoint_url=endpoint))
+        images_uri = f"s3://{bucket}/images"
+        t = time.perf_counter()
+        images = [(f"{images_uri}/img-{i:06d}.jpg", photo_like_jpeg(i)) for i in range(args.images)]
+        upload(storage, images)
+        results["upload_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        ray.init(
+            num_cpus=args.cpus,
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=False,
+            object_store_memory=512 * 1024 * 1024,
+        )
+        results["ray_init_s"] = time.perf_counter() - t
+
+        results["model_only"] = model_only(
+            args.model, args.backend, args.precision, args.batch_size, args.model_seconds
+        )
+        config = RunConfig(
+            input_uri=images_uri,
+            output_uri=f"s3://{bucket}/ours",
+            model=args.model,
+            backend=args.backend,
+            precision=args.precision,
+            batch_size=args.batch_size,
+            images_per_shard=args.images_per_shard,
+            s3_endpoint_url=endpoint,
+        )
+        summary = run_labeling(config).to_dict()
+        start = summary["first_shard_started_s"] or 0.0
+        results["pipeline"] = {
+            "images": summary["images"],
+            "errors": summary["errors"],
+            "seconds": summary["seconds"],
+            "images_per_s": summary["images_per_s"],
+            "first_shard_started_s": start,
+            "images_per_s_after_start": summary["images"] / max(1e-9, summary["seconds"] - start),
+            "backend": summary["backend"],
+            "precision": summary["precision"],
+            "actors": summary["actors"],
+        }
+        run_baseline = None if args.skip_raydata else _raydata_baseline()
+        if run_baseline is None:
+            results["raydata_skipped"] = "asked" if args.skip_raydata else "no bench/ checkout"
+        else:
+            results["raydata"] = run_baseline(
+                images_uri,
+                f"s3://{bucket}/raydata",
+                args.model,
+                args.backend,
+                args.precision,
+                args.batch_size,
+                actors=1,
+                threads=args.cpus or os.cpu_count(),
+                endpoint_url=endpoint,
+            )
+        if args.listing_shards:
+            results["listing"] = _listing(storage, bucket, endpoint, args)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if moto is not None:
+            moto.terminate()
+            moto.wait(timeout=10)
+    _ratios(results)
+    return results
+
+
+def _raydata_baseline():
+    """bench/raydata_baseline.py's run_baseline, when running from a checkout (bench/ is no
+    package: it is the outside point of comparison, not part of the product)."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "raydata_baseline.py"
+    if not script.is_file():
+        return None
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("raydata_baseline", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.run_baseline
+
+
+def _listing(storage, bucket: str, endpoint: str, args: argparse.Namespace) -> dict[str, Any]:
+    """A prefix of many one-image tar shards: time to the first labeled shard, and to list all."""
+    import tarfile
+    import tempfile
+
+    from models.checkpoints import save_checkpoint
+    from models.mixer import build_preset
+    from pipeline.run import RunConfig, run_labeling
+    from pipeline.shards import list_shards
+
+    jpeg = photo_like_jpeg(0, 64, 48)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("img-0.jpg")
+        info.size = len(jpeg)
+        tar.addfile(info, io.BytesIO(jpeg))
+    shard = buffer.getvalue()
+    prefix = f"s3://{bucket}/many"
+    t = time.perf_counter()
+    upload(storage, [(f"{prefix}/shard-{i:06d}.tar", shard) for i in range(args.listing_shards)])
+    upload_s = time.perf_counter() - t
+
+    t = time.perf_counter()
+    listed = sum(1 for _ in list_shards(storage, prefix))
+    list_s = time.perf_counter() - t
+
+    model_path = Path(tempfile.mkdtemp()) / "tiny.safetensors"
+    save_checkpoint(build_preset("tiny"), model_path)
+    config = RunConfig(
+        input_uri=prefix,
+        output_uri=f"s3://{bucket}/many-out",
+        model=str(model_path),
+        s3_endpoint_url=endpoint,
+    )
+    first: dict[str, float] = {}
+    t0 = time.time()
+
+    def stop_at_first(result) -> None:
+        first["started_s"] = result.started_at - t0
+        first["done_s"] = time.time() - t0
+        raise _Stop
+
+    with contextlib.suppress(_Stop):  # the first shard is all this measures
+        run_labeling(config, on_shard_done=stop_at_first)
+    return {
+        "shards": listed,
+        "upload_s": upload_s,
+        "full_listing_s": list_s,
+        "first_shard_started_s": first.get("started_s"),
+        "first_shard_done_s": first.get("done_s"),
+    }
+
+
+def _ratios(results: dict[str, Any]) -> None:
+    ours = results.get("pipeline", {}).get("images_per_s")
+    if not ours:
+        return
+    results["pipeline_vs_model_only"] = ours / results["model_only"]["images_per_s"]
+    if "raydata" in results:
+        results["pipeline_vs_raydata"] = ours / results["raydata"]["images_per_s"]
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor()
+    with_name = Path("/proc/cpuinfo")
+    if with_name.exists():
+        for line in with_name.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """A short table a person reads."""
+    rows = [("model only", results["model_only"]["images_per_s"])]
+    rows.append(("pipeline end to end", results["pipeline"]["images_per_s"]))
+    if "raydata" in results:
+        rows.append(("Ray Data baseline", results["raydata"]["images_per_s"]))
+    lines = [f"{name:<22} {rate:10.2f} images/s" for name, rate in rows]
+    lines.append(f"pipeline / model only   {results['pipeline_vs_model_only']:.2f}x (target ≥ 0.8)")
+    if "pipeline_vs_raydata" in results:
+        lines.append(
+            f"pipeline / Ray Data     {results['pipeline_vs_raydata']:.2f}x (target ≥ 1.0)"
+        )
+    if "listing" in results:
+        listing = results["listing"]
+        lines.append(
+            f"first of {listing['shards']:,} shards labeling after "
+            f"{listing['first_shard_started_s']:.1f} s (target ≤ 10 s); "
+            f"full listing takes {listing['full_listing_s']:.1f} s"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="B/16", help="preset or checkpoint")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--images-per-shard", type=int, default=64)
+    parser.add_argument("--cpus", type=int, help="Ray CPUs (default: all)")
+    parser.add_argument("--model-seconds", type=float, default=20.0)
+    parser.add_argument("--listing-shards", type=int, default=0, help="e.g. 10000")
+    parser.add_argument("--skip-raydata", action="store_true")
+    parser.add_argument("--s3-endpoint-url")
+    parser.add_argument("--json", help="write the results here too")
+    args = parser.parse_args(argv)
+    results = bench(args)
+    print(format_results(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
