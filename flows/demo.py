@@ -38,8 +38,8 @@ PREFECT_PORT = 4200  # Prefect's own default, used when free, so the usual URL w
 RAY_DASHBOARD_PORT = 8265  # Ray's default, likewise
 # Credentials for the loopback S3 server only; moto accepts any, and none is ever printed.
 _MOTO_ENV = {
-    "AWS_ACCESS_KEY_ID": "mixer-label-demo",
-    "AWS_SECRET_ACCESS_KEY": "mixer-label-demo",
+    "AWS_ACCESS_KEY_ID": "demo-access-key-id",
+    "AWS_SECRET_ACCESS_KEY": "demo-secret-access-key",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 
@@ -55,7 +55,6 @@ class DemoOptions:
     limit: int | None = None  # digits scans to use (tests use a few hundred); None: all 1,797
     images_per_shard: int = 128
     epochs: int | None = None  # None: TrainConfig's default
-    backend: str = "torch"  # fp32 torch: the same arithmetic as the offline evaluation
     dashboard: bool = True  # Ray's dashboard (a few seconds and a few processes more)
     serve: bool = False  # keep the Prefect UI and Ray dashboard up until Ctrl+C
     date: str | None = None  # the output partition; None: today (UTC)
@@ -188,11 +187,16 @@ def run_demo(options: DemoOptions = DemoOptions(), log: Log = print) -> DemoRepo
         api_url = prefect.wait_until_healthy()
         stack.enter_context(_prefect_settings(api_url, prefect.home))
         log(f"running the label-images flow on {shards_uri}/test (Prefect UI {prefect.ui_url})")
+        # The backend, precision and batch size the offline evaluation ran with, so the two
+        # predict with the same arithmetic and any difference can only come from the input.
+        evaluation = json.loads((model_dir / "eval.json").read_text())
         run, flow_run_id = run_flow(
             input_uri=f"{shards_uri}/test",
             output_uri=output_uri,
             model=model_uri,
-            backend=options.backend,
+            backend=evaluation["backend"],
+            precision=evaluation["precision"],
+            batch_size=evaluation["batch_size"],
             date=date,
         )
         partition = f"{output_uri}/date={date}"
@@ -527,6 +531,7 @@ def local_ray(dashboard: bool, prefer_default_port: bool = True) -> Iterator[str
         port = _port(RAY_DASHBOARD_PORT if prefer_default_port else None)
         kwargs = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
     context = ray.init(
+        address="local",  # a new Ray of our own, never a cluster someone else started here
         include_dashboard=dashboard,
         object_store_memory=256 * 1024 * 1024,
         configure_logging=False,
@@ -548,7 +553,35 @@ def _prefect_settings(api_url: str, home: Path) -> Iterator[None]:
         _environ({"PREFECT_API_URL": api_url}),
         temporary_settings({PREFECT_API_URL: api_url, PREFECT_HOME: str(home)}),
     ):
-        yield
+        try:
+            yield
+        finally:
+            _drain_prefect_clients()
+
+
+def _drain_prefect_clients() -> None:
+    """Send the buffered logs and events while the server still listens.
+
+    Prefect ships them from background workers; left for interpreter exit, they would retry
+    against the stopped server for minutes and print connection errors (Prefect's own test
+    harness drains the same way).
+    """
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        with contextlib.suppress(RuntimeError):  # never started: nothing to send
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    run_coro_as_sync(drain())
 
 
 @contextlib.contextmanager

@@ -35,15 +35,13 @@ from pipeline.cli import UserFacingError
 MODEL_FILE = "model.safetensors"
 EVAL_FILE = "eval.json"
 TRAIN_FILE = "train.json"
-# Sources whose change can change the trained weights or the offline evaluation.
-_CODE_FILES = (
-    "models/mixer.py",
-    "models/preprocessing.py",
-    "models/checkpoints.py",
-    "pipeline/preprocess.py",
-    "pipeline/shards.py",
-    "pipeline/train.py",
-)
+# The offline evaluation predicts like a labeling worker at its defaults: same predictor,
+# same batches (pipeline.run.RunConfig.batch_size), fp32.
+EVAL_BACKEND = "torch"
+EVAL_BATCH = 64
+# Sources whose change can change the trained weights or the offline evaluation: all of
+# models/ (network, checkpoints, the predictor the evaluation runs) and these.
+_CODE_FILES = ("pipeline/preprocess.py", "pipeline/shards.py", "pipeline/train.py")
 
 
 @dataclass(frozen=True)
@@ -172,7 +170,8 @@ def code_fingerprint() -> str:
     """sha256 of the sources that shape training and evaluation, plus the torch version."""
     root = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256(torch.__version__.encode())
-    for name in _CODE_FILES:
+    models = sorted(p.relative_to(root).as_posix() for p in (root / "models").rglob("*.py"))
+    for name in [*models, *_CODE_FILES]:
         digest.update(name.encode() + b"\0" + (root / name).read_bytes())
     return digest.hexdigest()
 
@@ -284,33 +283,46 @@ def fit(
     return history
 
 
-@torch.inference_mode()
-def evaluate(model: MlpMixer, data: LabeledSplit, batch_size: int = 256) -> dict[str, object]:
-    """Accuracy over the labeled images, and one prediction (or error) per image."""
-    model.eval()
+def evaluate(
+    model: MlpMixer, data: LabeledSplit, backend: str = EVAL_BACKEND, batch_size: int = EVAL_BATCH
+) -> dict[str, object]:
+    """Accuracy over the labeled images, and one prediction (or error) per image.
+
+    Runs the way a labeling worker does, so its predictions can be compared image by image:
+    the same fp32 predictor (`models.backends.create`), batches of `batch_size` decoded images
+    within each shard in record order, one intra-op thread as in a one-CPU Ray actor.
+    """
+    from models.backends import create
+
+    predictor = create(model.eval(), backend, "fp32", "cpu")
     predictions = []
-    for start in range(0, len(data), batch_size):
-        probs = model(data.images[start : start + batch_size]).softmax(dim=1)
-        scores, labels = probs.max(dim=1)
-        for offset, (label, score) in enumerate(zip(labels.tolist(), scores.tolist(), strict=True)):
-            i = start + offset
-            truth = int(data.labels[i])
-            predictions.append(
-                {
-                    "shard": data.shards[i],
-                    "key": data.keys[i],
-                    "label": label,
-                    "label_name": model.label_names[label],
-                    "score": round(score, 6),
-                    "true_label": None if truth < 0 else truth,
-                    "error": None,
-                }
-            )
+    with _torch_threads(1):
+        for start, stop in _shard_batches(data.shards, batch_size):
+            logits = predictor.predict(data.images[start:stop])
+            scores, labels = torch.softmax(logits.float(), dim=1).max(dim=1)
+            for i, label, score in zip(
+                range(start, stop), labels.tolist(), scores.tolist(), strict=True
+            ):
+                truth = int(data.labels[i])
+                predictions.append(
+                    {
+                        "shard": data.shards[i],
+                        "key": data.keys[i],
+                        "label": label,
+                        "label_name": model.label_names[label],
+                        "score": round(score, 6),
+                        "true_label": None if truth < 0 else truth,
+                        "error": None,
+                    }
+                )
     blank = {"label": None, "label_name": None, "score": None, "true_label": None}
     predictions += [{**e, **blank, "error": e["error"]} for e in data.errors]
     labeled = [p for p in predictions if p["true_label"] is not None]
     correct = sum(1 for p in labeled if p["label"] == p["true_label"])
     return {
+        "backend": predictor.name,
+        "precision": predictor.precision,
+        "batch_size": batch_size,
         "images": len(predictions),
         "errors": len(data.errors),
         "labeled_images": len(labeled),
@@ -318,6 +330,27 @@ def evaluate(model: MlpMixer, data: LabeledSplit, batch_size: int = 256) -> dict
         "accuracy": correct / len(labeled) if labeled else None,
         "predictions": predictions,
     }
+
+
+def _shard_batches(shards: list[str], batch_size: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of consecutive images of one shard, at most batch_size of them."""
+    start = 0
+    while start < len(shards):
+        stop = start + 1
+        while stop < len(shards) and stop - start < batch_size and shards[stop] == shards[start]:
+            stop += 1
+        yield start, stop
+        start = stop
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager
