@@ -285,7 +285,12 @@ class ShardPool:
                 slot.alive = False
                 slot.ping = slot.handle.ping.remote()
         except ray.exceptions.RayTaskError as err:
-            work.last_error = _first_line(err.cause if err.cause is not None else err)
+            cause = err.cause if err.cause is not None else err
+            work.last_error = _first_line(cause)
+            if isinstance(cause, ValueError):
+                # A shard that cannot be read as configured (ShardError) fails the same way
+                # every time: report it now. Storage errors and crashes are worth retrying.
+                return _failed(work)
         except ray.exceptions.RayError as err:
             work.last_error = _first_line(err)
         if work.attempts < self.max_attempts:
@@ -309,7 +314,8 @@ class ShardPool:
 
 
 def _failed(work: Work) -> ShardResult:
-    error = f"{work.last_error} (after {work.attempts} attempts)"
+    tries = "1 attempt" if work.attempts == 1 else f"{work.attempts} attempts"
+    error = f"{work.last_error} (after {tries})"
     return ShardResult(
         work.shard, work.output_uri, failed=True, error=error, attempts=work.attempts
     )

@@ -270,13 +270,38 @@ def ray_session(address: str | None) -> Iterator[None]:
         return
     kwargs = {"configure_logging": False, "log_to_driver": False}
     if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(include_dashboard=False, object_store_memory=256 * 1024 * 1024, **kwargs)
+        check_reachable(address)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            # Results are small (the Parquet goes straight to storage): a small object store.
+            ray.init(include_dashboard=False, object_store_memory=256 * 1024 * 1024, **kwargs)
+    except Exception as err:  # ConnectionError, TimeoutError, RuntimeError, ...
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise RunError(f"cannot start or join {where}: {_one_line(err)}") from None
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """RunError unless host:port (or ray://host:port) accepts a TCP connection.
+
+    ray.init keeps retrying an unreachable address for minutes; a user wants to know now.
+    """
+    import socket
+
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return  # "auto" and other forms are Ray's to resolve
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return
+    except OSError as err:
+        raise RunError(f"cannot reach the Ray cluster at {address}: {_one_line(err)}") from None
 
 
 def new_run_id() -> str:
@@ -306,6 +331,11 @@ def code_version() -> str:
             if sha:
                 text += f"+g{sha}"
     return text
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text[:300]
 
 
 def _storage_options(config: RunConfig):

@@ -203,6 +203,29 @@ def test_a_shard_that_keeps_failing_is_reported_and_the_rest_finish(
     assert len(_rows(s3_bucket)) == len(keys) - 2
 
 
+def test_cli_exits_1_when_a_shard_fails_and_reports_it(
+    ray_local, s3_bucket, tiny_model, capsys
+) -> None:
+    storage = open_storage(f"s3://{s3_bucket}")
+    keys = _write_good_shards(s3_bucket, shards=1, images=2)
+    # A Parquet shard without any image column cannot be read as configured: it fails at once
+    # (no retries for a deterministic error), the tar shard is labeled anyway.
+    bad = imagegen.parquet_bytes([("k", b"x")], image_column="caption")
+    storage.put_atomic(f"s3://{s3_bucket}/in/no-images.parquet", bad)
+    code = cli_main(
+        ["run", f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", "--model", tiny_model]
+        + ["--date", DATE, "--no-progress"]
+    )
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAILED no-images:" in out and "after 1 attempt)" in out
+    assert "1 labeled" in out and "1 failed" in out
+    assert Counter(r["key"] for r in _rows(s3_bucket)) == Counter(keys)
+    partition = f"s3://{s3_bucket}/out/date={DATE}"
+    assert f"{partition}/_FAILED.json" in _outputs(s3_bucket)
+    assert f"{partition}/_SUCCESS.json" not in _outputs(s3_bucket)
+
+
 def test_a_run_killed_half_way_resumes_without_duplicates(ray_local, s3_bucket, tiny_model):
     keys = _write_good_shards(s3_bucket, shards=16, images=8, size=(320, 240))
     address = ray_local.get_runtime_context().gcs_address
@@ -301,3 +324,14 @@ def test_bad_model_and_empty_input_fail_fast(s3_server, s3_bucket, tiny_model, c
     )
     assert code == 2 and "2024-13-01" in err
     assert _outputs(s3_bucket) == {}
+
+
+def test_unreachable_ray_address_fails_fast() -> None:
+    from pipeline.run import RunError, check_reachable
+    from tests.conftest import free_port
+
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(RunError, match=f"cannot reach the Ray cluster at {address}"):
+        check_reachable(address)
+    assert time.monotonic() - start < 10
