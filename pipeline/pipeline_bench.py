@@ -103,7 +103,6 @@ class _Stop(Exception):
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from pipeline.run import RunConfig, run_labeling
     from pipeline.storage import StorageOptions, open_storage
 
     moto = None
@@ -123,12 +122,6 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         bucket = f"mixer-bench-{int(time.time())}"
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
         storage = open_storage(f"s3://{bucket}", StorageOptions(endpoint_url=endpoint))
-        images_uri = f"s3://{bucket}/images"
-        t = time.perf_counter()
-        images = [(f"{images_uri}/img-{i:06d}.jpg", photo_like_jpeg(i)) for i in range(args.images)]
-        upload(storage, images)
-        results["upload_s"] = time.perf_counter() - t
-
         t = time.perf_counter()
         ray.init(
             num_cpus=args.cpus,
@@ -138,48 +131,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             object_store_memory=512 * 1024 * 1024,
         )
         results["ray_init_s"] = time.perf_counter() - t
-
-        results["model_only"] = model_only(
-            args.model, args.backend, args.precision, args.batch_size, args.model_seconds
-        )
-        config = RunConfig(
-            input_uri=images_uri,
-            output_uri=f"s3://{bucket}/ours",
-            model=args.model,
-            backend=args.backend,
-            precision=args.precision,
-            batch_size=args.batch_size,
-            images_per_shard=args.images_per_shard,
-            s3_endpoint_url=endpoint,
-        )
-        summary = run_labeling(config).to_dict()
-        start = summary["first_shard_started_s"] or 0.0
-        results["pipeline"] = {
-            "images": summary["images"],
-            "errors": summary["errors"],
-            "seconds": summary["seconds"],
-            "images_per_s": summary["images_per_s"],
-            "first_shard_started_s": start,
-            "images_per_s_after_start": summary["images"] / max(1e-9, summary["seconds"] - start),
-            "backend": summary["backend"],
-            "precision": summary["precision"],
-            "actors": summary["actors"],
-        }
-        run_baseline = None if args.skip_raydata else _raydata_baseline()
-        if run_baseline is None:
-            results["raydata_skipped"] = "asked" if args.skip_raydata else "no bench/ checkout"
-        else:
-            results["raydata"] = run_baseline(
-                images_uri,
-                f"s3://{bucket}/raydata",
-                args.model,
-                args.backend,
-                args.precision,
-                args.batch_size,
-                actors=1,
-                threads=args.cpus or os.cpu_count(),
-                endpoint_url=endpoint,
-            )
+        if not args.skip_throughput:
+            _throughput(storage, bucket, endpoint, args, results)
         if args.listing_shards:
             results["listing"] = _listing(storage, bucket, endpoint, args)
     finally:
@@ -190,6 +143,59 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             moto.wait(timeout=10)
     _ratios(results)
     return results
+
+
+def _throughput(storage, bucket: str, endpoint: str, args, results: dict[str, Any]) -> None:
+    """Model only, the pipeline and the Ray Data script on the same JPEGs, one after another."""
+    from pipeline.run import RunConfig, run_labeling
+
+    images_uri = f"s3://{bucket}/images"
+    t = time.perf_counter()
+    images = [(f"{images_uri}/img-{i:06d}.jpg", photo_like_jpeg(i)) for i in range(args.images)]
+    upload(storage, images)
+    results["upload_s"] = time.perf_counter() - t
+    results["model_only"] = model_only(
+        args.model, args.backend, args.precision, args.batch_size, args.model_seconds
+    )
+    config = RunConfig(
+        input_uri=images_uri,
+        output_uri=f"s3://{bucket}/ours",
+        model=args.model,
+        backend=args.backend,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        images_per_shard=args.images_per_shard,
+        s3_endpoint_url=endpoint,
+        decode_threads=args.decode_threads,
+    )
+    summary = run_labeling(config).to_dict()
+    start = summary["first_shard_started_s"] or 0.0
+    results["pipeline"] = {
+        "images": summary["images"],
+        "errors": summary["errors"],
+        "seconds": summary["seconds"],
+        "images_per_s": summary["images_per_s"],
+        "first_shard_started_s": start,
+        "images_per_s_after_start": summary["images"] / max(1e-9, summary["seconds"] - start),
+        "backend": summary["backend"],
+        "precision": summary["precision"],
+        "actors": summary["actors"],
+    }
+    run_baseline = None if args.skip_raydata else _raydata_baseline()
+    if run_baseline is None:
+        results["raydata_skipped"] = "asked" if args.skip_raydata else "no bench/ checkout"
+        return
+    results["raydata"] = run_baseline(
+        images_uri,
+        f"s3://{bucket}/raydata",
+        args.model,
+        args.backend,
+        args.precision,
+        args.batch_size,
+        actors=1,
+        threads=args.cpus or os.cpu_count(),
+        endpoint_url=endpoint,
+    )
 
 
 def _raydata_baseline():
@@ -263,7 +269,10 @@ def _ratios(results: dict[str, Any]) -> None:
     ours = results.get("pipeline", {}).get("images_per_s")
     if not ours:
         return
-    results["pipeline_vs_model_only"] = ours / results["model_only"]["images_per_s"]
+    model_only = results["model_only"]["images_per_s"]
+    results["pipeline_vs_model_only"] = ours / model_only
+    steady = results["pipeline"]["images_per_s_after_start"]
+    results["pipeline_after_start_vs_model_only"] = steady / model_only
     if "raydata" in results:
         results["pipeline_vs_raydata"] = ours / results["raydata"]["images_per_s"]
 
@@ -289,22 +298,28 @@ def _machine() -> dict[str, Any]:
 
 def format_results(results: dict[str, Any]) -> str:
     """A short table a person reads."""
-    rows = [("model only", results["model_only"]["images_per_s"])]
-    rows.append(("pipeline end to end", results["pipeline"]["images_per_s"]))
-    if "raydata" in results:
-        rows.append(("Ray Data baseline", results["raydata"]["images_per_s"]))
-    lines = [f"{name:<22} {rate:10.2f} images/s" for name, rate in rows]
-    lines.append(f"pipeline / model only   {results['pipeline_vs_model_only']:.2f}x (target ≥ 0.8)")
-    if "pipeline_vs_raydata" in results:
+    lines = []
+    if "pipeline" in results:
+        pipeline = results["pipeline"]
+        rows = [("model only", results["model_only"]["images_per_s"])]
+        rows.append(("pipeline end to end", pipeline["images_per_s"]))
+        rows.append(("  after its start-up", pipeline["images_per_s_after_start"]))
+        if "raydata" in results:
+            rows.append(("Ray Data baseline", results["raydata"]["images_per_s"]))
+        lines += [f"{name:<24} {rate:10.2f} images/s" for name, rate in rows]
         lines.append(
-            f"pipeline / Ray Data     {results['pipeline_vs_raydata']:.2f}x (target ≥ 1.0)"
+            f"pipeline / model only    {results['pipeline_vs_model_only']:.2f}x "
+            f"(after start-up {results['pipeline_after_start_vs_model_only']:.2f}x; target ≥ 0.8)"
         )
+        if "pipeline_vs_raydata" in results:
+            ratio = results["pipeline_vs_raydata"]
+            lines.append(f"pipeline / Ray Data      {ratio:.2f}x (target ≥ 1.0)")
     if "listing" in results:
         listing = results["listing"]
         lines.append(
             f"first of {listing['shards']:,} shards labeling after "
             f"{listing['first_shard_started_s']:.1f} s (target ≤ 10 s); "
-            f"full listing takes {listing['full_listing_s']:.1f} s"
+            f"listing them all takes {listing['full_listing_s']:.1f} s"
         )
     return "\n".join(lines)
 
@@ -321,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-seconds", type=float, default=20.0)
     parser.add_argument("--listing-shards", type=int, default=0, help="e.g. 10000")
     parser.add_argument("--skip-raydata", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true", help="only the listing test")
+    parser.add_argument("--decode-threads", type=int, help="per actor (default: its CPUs)")
     parser.add_argument("--s3-endpoint-url")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args(argv)
