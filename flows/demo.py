@@ -186,6 +186,9 @@ def run_demo(options: DemoOptions = DemoOptions(), log: Log = print) -> DemoRepo
         dashboard = stack.enter_context(local_ray(options.dashboard, options.serve))
         api_url = prefect.wait_until_healthy()
         stack.enter_context(_prefect_settings(api_url, prefect.home))
+        # Today's partition is this demo's own output: start it empty, so files of an earlier
+        # build with other shards cannot mix into the checks.
+        shutil.rmtree(root / "predictions" / f"date={date}", ignore_errors=True)
         log(f"running the label-images flow on {shards_uri}/test (Prefect UI {prefect.ui_url})")
         # The backend, precision and batch size the offline evaluation ran with, so the two
         # predict with the same arithmetic and any difference can only come from the input.
@@ -631,6 +634,10 @@ def _stop_group(process: subprocess.Popen) -> None:
             process.wait(timeout=10)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _wait_for_ctrl_c(log: Log) -> None:
     log("The Prefect UI and the Ray dashboard stay up until Ctrl+C.")
     with contextlib.suppress(KeyboardInterrupt):
@@ -687,6 +694,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     options = DemoOptions(root=Path(args.dir), s3=args.s3, serve=args.serve, epochs=args.epochs)
+    # A plain `kill` stops the demo like Ctrl+C does: the servers it started stop with it.
+    signal.signal(signal.SIGTERM, _interrupt)
     report = run_demo(options)
     if not report.ok:
         for line in report.checks.problems():
