@@ -287,7 +287,7 @@ def format_markdown(report: dict) -> str:
     for r in report["results"]:
         pct = f"{r['percent_of_limit']:.0f}%" if "percent_of_limit" in r else "-"
         quality = (
-            f"{100 * r['top1_agreement']:.1f}% | {r['max_prob_diff']:.4f} | {r['min_cosine']:.4f}"
+            f"{100 * r['top1_agreement']:.1f}% | {r['max_prob_diff']:.2g} | {r['min_cosine']:.4f}"
             if "top1_agreement" in r
             else "- | - | -"
         )

@@ -8,9 +8,11 @@ the hardware:
   `W (D_S, S) @ Y (S, batch * C)`, so neither sub-block needs a transpose (in the paper's
   layout each block transposes twice, and those copies cost more than the token GEMMs).
 - The stem is a GEMM over flattened patches (kernel = stride = patch size), no convolution.
-- In bf16 the GELU is a 65,536-entry table indexed by the input's bits: exactly the model's
-  GELU (tanh or erf) rounded to bf16, but a gather instead of a tanh per element; on CPU the
-  tanh form otherwise costs as much as the GEMM that feeds it.
+- With `gelu_by_table` (bf16, compiled) the GELU is a 65,536-entry table indexed by the
+  input's bits: exactly the model's GELU (tanh or erf) rounded to bf16, but one gather
+  instead of a tanh per element. On CPU the tanh form otherwise costs about as much as the
+  GEMM that feeds it. Eagerly, the table's index arithmetic takes several passes, so eager
+  runs call F.gelu.
 - The pooled features are averaged in fp32. `norm_in_fp32` also runs every LayerNorm in fp32
   (the ONNX export for TensorRT's strongly typed builds casts around each norm).
 """
@@ -38,7 +40,7 @@ class FusedMixer(nn.Module):
         self,
         model: MlpMixer,
         dtype: torch.dtype,
-        gelu_by_table: bool | None = None,
+        gelu_by_table: bool = False,
         norm_in_fp32: bool = False,
     ) -> None:
         super().__init__()
@@ -47,8 +49,8 @@ class FusedMixer(nn.Module):
         self.channels = config.hidden_dim
         self.dtype = dtype
         self.approximate = "tanh" if config.gelu == "tanh" else "none"
-        self.gelu_by_table = dtype == torch.bfloat16 if gelu_by_table is None else gelu_by_table
-        if self.gelu_by_table and dtype.itemsize != 2:
+        self.gelu_by_table = gelu_by_table
+        if gelu_by_table and dtype.itemsize != 2:
             raise ValueError(f"a GELU table needs a 16-bit dtype, not {dtype}")
 
         self.norm_dtype = torch.float32 if norm_in_fp32 else dtype

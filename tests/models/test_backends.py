@@ -63,9 +63,14 @@ def test_gelu_table_is_gelu_rounded_to_bf16_for_every_input(approximate):
     expected = F.gelu(values.float(), approximate=approximate).to(torch.bfloat16)
     assert torch.equal(table[finite], expected[finite])
     model = build_preset("tiny", gelu="tanh" if approximate == "tanh" else "erf")
-    fused = FusedMixer(model, torch.bfloat16)
+    fused = FusedMixer(model, torch.bfloat16, gelu_by_table=True)
     x = torch.randn(1000).to(torch.bfloat16) * 4
     assert torch.equal(fused.gelu(x), F.gelu(x.float(), approximate=approximate).bfloat16())
+    images = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        by_table, _ = fused(images)
+        computed, _ = FusedMixer(model, torch.bfloat16)(images)
+    assert (by_table - computed).abs().max() < 0.02
 
 
 # --- every backend and precision on the CPU ----------------------------------------------------
