@@ -9,8 +9,8 @@ CPU:
   is padded, so nothing recompiles mid-shard.
 - int8 quantizes every Linear dynamically (int8 weights, activations quantized per batch) on
   the oneDNN engine where the CPU has AMX/VNNI, fbgemm's x86 engine elsewhere.
-CUDA: the same module at fp32/bf16/fp16, optionally compiled (max-autotune), replayed as a
-CUDA graph of one batch shape (static input buffer, padded last batch).
+CUDA: the same module at fp32/bf16/fp16, compiled, replayed as a CUDA graph of one batch
+shape (static input buffer, padded last batch).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class TorchPredictor(Predictor):
         example = torch.zeros(self.preferred_batch_size, 3, size, size, device=device)
         forward = module
         if self.compiled:
-            forward = _compile(module, example, device)
+            forward = _compile(module, example)
             if forward is None:  # no working compiler: run eagerly, slower but correct
                 self.compiled = False
                 self.fixed_batch = self.cuda_graphs
@@ -154,12 +154,13 @@ def compiler_available() -> bool:
     return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
 
 
-def _compile(module: torch.nn.Module, example: torch.Tensor, device: str):
+def _compile(module: torch.nn.Module, example: torch.Tensor):
     """torch.compile with frozen weights, warmed up on `example`; None if compiling fails."""
     import torch._inductor.config as inductor_config
 
-    mode = None if device == "cpu" else "max-autotune-no-cudagraphs"
-    compiled = torch.compile(module, mode=mode, dynamic=False, fullgraph=True)
+    # Default mode on CUDA too: its GEMMs are cuBLAS's either way, max-autotune adds minutes of
+    # tuning per actor, and CUDA graphs are ours (CudaGraphed), not Inductor's.
+    compiled = torch.compile(module, dynamic=False, fullgraph=True)
     # Freezing folds the weights into constants (oneDNN prepacks them) and drops the
     # originals, so the compiled predictor holds one copy of its weights.
     patch = inductor_config.patch(freezing=True, freezing_discard_parameters=True)
