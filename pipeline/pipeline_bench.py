@@ -100,11 +100,31 @@ class _Stop(Exception):
     pass
 
 
+def checkpoint_file(spec: str) -> str:
+    """A preset saved once as a checkpoint file, so every contender loads the same file (as in
+    production) instead of each building random weights; a path passes through."""
+    import tempfile
+
+    from models.checkpoints import save_checkpoint
+    from models.mixer import build_preset, preset_config
+
+    if Path(spec).exists():
+        return spec
+    preset_config(spec)  # KeyError for an unknown name
+    path = (
+        Path(tempfile.gettempdir()) / "mixer-label-bench" / f"{spec.replace('/', '')}.safetensors"
+    )
+    if not path.exists():
+        save_checkpoint(build_preset(spec), path)
+    return str(path)
+
+
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
     from pipeline.storage import StorageOptions, open_storage
 
+    args.model = checkpoint_file(args.model)
     moto = None
     endpoint = args.s3_endpoint_url
     if endpoint is None:
@@ -180,6 +200,9 @@ def _throughput(storage, bucket: str, endpoint: str, args, results: dict[str, An
         "backend": summary["backend"],
         "precision": summary["precision"],
         "actors": summary["actors"],
+        # Of the actors' shard time: in the model, and starved waiting for decoded images.
+        "model_share": summary["model_seconds"] / max(1e-9, summary["shard_seconds"]),
+        "wait_share": summary["wait_seconds"] / max(1e-9, summary["shard_seconds"]),
     }
     run_baseline = None if args.skip_raydata else _raydata_baseline()
     if run_baseline is None:

@@ -161,6 +161,7 @@ class ShardPool:
         self.stall_timeout_s = stall_timeout_s
         self._actor_class = actor_class()
         self._replacements_left = max(4, 2 * len(plans))
+        self._last_death = ""
         self.slots = [self._start(plan) for plan in plans]
 
     def _start(self, plan: ActorPlan) -> _Slot:
@@ -177,6 +178,11 @@ class ShardPool:
             decode_threads=self.spec.decode_threads or plan.decode_threads,
             device=plan.device if self.spec.device == "auto" else self.spec.device,
         )
+        if plan.num_gpus:
+            # Two shards at once on a GPU actor: the next one downloads and decodes while the
+            # last batches of this one run, so the GPU does not idle between shards. The
+            # predictor itself runs one batch at a time (ShardLabeler holds a lock).
+            options["max_concurrency"] = 2
         handle = self._actor_class.options(**options).remote(spec)
         return _Slot(plan, handle, ping=handle.ping.remote())
 
@@ -208,6 +214,10 @@ class ShardPool:
                 in_flight[ref] = (work, slot)
                 slot.in_flight += 1
             if feed.done and not pending and not in_flight:
+                return
+            if not self.slots:
+                reason = f"every worker died ({self._last_death})"
+                yield from self._fail_all(pending, feed, reason)
                 return
             pings = {slot.ping: slot for slot in self.slots if slot.ping is not None}
             waiting = list(in_flight) + list(pings)
@@ -258,6 +268,7 @@ class ShardPool:
         except ray.exceptions.ActorDiedError as err:
             if "creation task" in str(err) or "__init__" in str(err):
                 raise PoolError(f"workers cannot start: {_first_line(err)}") from None
+            self._last_death = _first_line(err)
             self._replace(slot)
         except ray.exceptions.RayActorError:
             slot.ping = slot.handle.ping.remote()  # unreachable for now: ask again
@@ -304,6 +315,8 @@ class ShardPool:
         while True:
             try:
                 item = feed.get(timeout=60)
+            except queue.Empty:
+                continue  # the listing is slow, not over
             except StopIteration:
                 return
             if isinstance(item, ShardResult):
@@ -315,7 +328,7 @@ class ShardPool:
 
 def _failed(work: Work) -> ShardResult:
     tries = "1 attempt" if work.attempts == 1 else f"{work.attempts} attempts"
-    error = f"{work.last_error} (after {tries})"
+    error = f"{work.last_error} (after {tries})" if work.attempts else work.last_error
     return ShardResult(
         work.shard, work.output_uri, failed=True, error=error, attempts=work.attempts
     )

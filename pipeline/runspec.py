@@ -86,6 +86,8 @@ class ShardResult:
     backend: str | None = None
     precision: str | None = None
     attempts: int = 1
+    model_seconds: float = 0.0  # inside the predictor
+    wait_seconds: float = 0.0  # the model loop waiting for downloaded, decoded images
     started_at: float | None = None  # epoch seconds when the worker began the shard
     worker_pid: int | None = None  # the process that labeled it (debugging, fault tests)
     worker_node: str | None = None  # its Ray node id, when it ran under Ray
@@ -114,6 +116,10 @@ class RunSummary:
     class_counts: dict[str, int] = field(default_factory=dict)
     partition_uri: str = ""  # output_uri/date=YYYY-MM-DD, where the Parquet files are
     actors: int = 0
+    # Summed over shards (all actors): wait_seconds near 0 means the model never starved.
+    shard_seconds: float = 0.0
+    model_seconds: float = 0.0
+    wait_seconds: float = 0.0
     first_shard_started_s: float | None = None  # from the start of the run
 
     @property
@@ -135,6 +141,9 @@ class RunSummary:
             return
         self.shards_done += 1
         self.images += result.images
+        self.shard_seconds += result.seconds
+        self.model_seconds += result.model_seconds
+        self.wait_seconds += result.wait_seconds
         self.errors += result.errors
         self.backend = self.backend or result.backend
         self.precision = self.precision or result.precision
@@ -144,6 +153,7 @@ class RunSummary:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["images_per_s"] = round(self.images_per_s, 3)
-        data["seconds"] = round(self.seconds, 3)
+        for key in ("seconds", "shard_seconds", "model_seconds", "wait_seconds"):
+            data[key] = round(data[key], 3)
         data["class_counts"] = dict(sorted(self.class_counts.items(), key=lambda kv: -kv[1]))
         return data

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -62,6 +63,9 @@ class ShardLabeler:
             threads=spec.threads,
         )
         self._storages: dict[str, object] = {}
+        # A GPU actor labels two shards at once (see pipeline.pool); the model runs one batch
+        # at a time while the other shard's images decode.
+        self._predict_lock = threading.Lock()
         self.node_id = _ray_node_id()
 
     def ping(self) -> int:
@@ -88,7 +92,8 @@ class ShardLabeler:
             records, self.model.preprocessing, self.spec.decode_threads or 2, ImageLimits()
         )
         table = ShardTable(shard.name, self.model.label_names, self.spec.embeddings)
-        label_decoded(decoded, self.predictor, table, self.spec.batch_size, self.spec.topk)
+        predictor = _Serialized(self.predictor, self._predict_lock)
+        timing = label_decoded(decoded, predictor, table, self.spec.batch_size, self.spec.topk)
         metadata = file_metadata(self, shard)
         self.storage(output_uri).put_atomic(output_uri, to_parquet_bytes(table.to_table(metadata)))
         return ShardResult(
@@ -100,10 +105,28 @@ class ShardLabeler:
             class_counts=table.class_counts(),
             backend=self.predictor.name,
             precision=self.predictor.precision,
+            model_seconds=timing.model_s,
+            wait_seconds=timing.wait_s,
             started_at=started_at,
             worker_pid=os.getpid(),
             worker_node=self.node_id,
         )
+
+
+class _Serialized:
+    """A predictor whose calls take a lock: one batch on the device at a time."""
+
+    def __init__(self, predictor, lock: threading.Lock) -> None:
+        self._predictor = predictor
+        self._lock = lock
+
+    def predict(self, batch):
+        with self._lock:
+            return self._predictor.predict(batch)
+
+    def predict_with_features(self, batch):
+        with self._lock:
+            return self._predictor.predict_with_features(batch)
 
 
 def _ray_node_id() -> str | None:
@@ -131,38 +154,57 @@ def file_metadata(labeler: ShardLabeler, shard) -> dict[str, str]:
     }
 
 
+@dataclass
+class Timing:
+    """Where a shard's time went: in the model, or waiting for decoded images."""
+
+    model_s: float = 0.0
+    wait_s: float = 0.0
+
+
 def label_decoded(
     decoded: Iterable[tuple[object, np.ndarray | None, str | None]],
     predictor,
     table: ShardTable,
     batch_size: int,
     topk: int,
-) -> None:
+) -> Timing:
     """Run the model over decoded records in batches and add one row per record to `table`.
 
     `decoded` yields (Record, image or None, error or None) in input order. A window of records
     is flushed when it holds `batch_size` images, so error rows stay in place between the
-    predictions around them.
+    predictions around them. Returns the time spent in the model and waiting for input.
     """
+    timing = Timing()
     window: list[tuple[object, np.ndarray | None, str | None]] = []
     images = 0
-    for item in decoded:
+    iterator = iter(decoded)
+    while True:
+        start = time.perf_counter()
+        item = next(iterator, None)
+        timing.wait_s += time.perf_counter() - start
+        if item is None:
+            break
         window.append(item)
         images += item[1] is not None
         if images == batch_size:
-            _flush(window, predictor, table, topk)
+            timing.model_s += _flush(window, predictor, table, topk)
             window, images = [], 0
     if window:
-        _flush(window, predictor, table, topk)
+        timing.model_s += _flush(window, predictor, table, topk)
+    return timing
 
 
-def _flush(window, predictor, table: ShardTable, topk: int) -> None:
+def _flush(window, predictor, table: ShardTable, topk: int) -> float:
     keys = [record.key for record, _, _ in window]
     truth = [getattr(record, "label", None) for record, _, _ in window]
     errors = [_row_error(record, image, error) for record, image, error in window]
     arrays = [image for (_, image, _), e in zip(window, errors, strict=True) if e is None]
+    start = time.perf_counter()
     top_labels, top_scores, features = predict_topk(predictor, arrays, topk, table.embeddings)
+    seconds = time.perf_counter() - start
     table.add_rows(keys, errors, truth, top_labels, top_scores, features)
+    return seconds
 
 
 def _row_error(record, image: np.ndarray | None, error: str | None) -> str | None:

@@ -67,7 +67,8 @@ def test_rows_keep_input_order_with_errors_between_batches(tiny) -> None:
     ]
     predictor = EagerPredictor(tiny)
     table = ShardTable("s", tiny.label_names)
-    label_decoded(decoded, predictor, table, batch_size=2, topk=3)
+    timing = label_decoded(decoded, predictor, table, batch_size=2, topk=3)
+    assert timing.model_s > 0 and timing.wait_s >= 0
     assert predictor.batches == [2, 2, 1]  # full batches of images; errors do not count
     rows = table.to_table().to_pylist()
     assert [r["key"] for r in rows] == list("abcdefg")
@@ -169,3 +170,41 @@ def test_feed_says_empty_while_the_producer_is_slow_and_stops_at_the_end() -> No
     assert feed.get(timeout=5) == "x"
     with pytest.raises(StopIteration):
         feed.get(timeout=5)
+
+
+def test_shard_labeler_labels_two_shards_at_once_without_ray(tmp_path) -> None:
+    """The plain class behind the actor; two threads at once is the GPU actor's mode."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    from models.checkpoints import save_checkpoint
+    from pipeline.shards import list_shards
+    from pipeline.storage import open_storage
+    from pipeline.workers import ShardLabeler, WorkerSpec
+    from tests.pipeline import imagegen
+
+    model_path = tmp_path / "tiny.safetensors"
+    sha256 = save_checkpoint(build_preset("tiny"), model_path)
+    source = str(tmp_path / "in")
+    storage = open_storage(source)
+    keys = imagegen.write_tar_shards(storage, source, shards=2, images_per_shard=5)
+    shards = list(list_shards(storage, source))
+    spec = WorkerSpec(str(model_path), device="cpu", batch_size=2, run_id="r1", code_version="v")
+    labeler = ShardLabeler(spec)
+
+    def label(shard):
+        return labeler.label_shard(shard, str(tmp_path / "out" / f"{shard.name}.parquet"))
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(label, shards))
+    assert [r.images for r in results] == [5, 5] and all(r.errors == 0 for r in results)
+    rows = []
+    for result, shard in zip(results, shards, strict=True):
+        file = pq.ParquetFile(result.output_uri)
+        metadata = {k.decode(): v.decode() for k, v in file.metadata.metadata.items()}
+        assert metadata["model_sha256"] == sha256 and metadata["input_etag"] == shard.etag
+        assert metadata["run_id"] == "r1" and metadata["code_version"] == "v"
+        rows += file.read().to_pylist()
+    assert sorted(r["key"] for r in rows) == sorted(keys)
+    assert all(r["true_label"] == int(r["key"][-6:]) % 10 for r in rows)
