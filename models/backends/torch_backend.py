@@ -1,10 +1,15 @@
 """PyTorch on CPU (fp32, bf16, int8) and CUDA (fp32, bf16, fp16); no autograd anywhere.
 
 CPU:
-- fp32 and bf16 run `FusedMixer` (token-major, no transposes; bf16 *weights*, not autocast,
-  and GELU by table) compiled by Inductor with frozen weights, so oneDNN gets prepacked
-  weights and bias/GELU/residual fused into its GEMMs. Compilation is only worth it for
-  models of about a GFLOP per image and more; small ones run the same module eagerly.
+- fp32 and bf16 run `FusedMixer` (token-major, no transposes; bf16 *weights*, not autocast;
+  GELU by table) compiled by Inductor with frozen weights: oneDNN gets prepacked weights with
+  bias and residual add fused into its GEMMs, and each LayerNorm (with the residual add before
+  it) and each GELU becomes one vectorized pass. Measured on a shared 2-core AMX Xeon, B/16
+  bf16, batch 16, best of interleaved rounds: the paper's layout eager 32 img/s, compiled 50
+  (GEMMs alone: 99); in another run this module compiled with a computed tanh GELU 48, with
+  the GELU table 60 (GEMMs alone: 90).
+  Compilation is only worth it for models of about a GFLOP per image and more; small ones
+  run the same module eagerly.
   A compiled predictor runs one batch shape: larger batches are split, a short last batch
   is padded, so nothing recompiles mid-shard.
 - int8 quantizes every Linear dynamically (int8 weights, activations quantized per batch) on
