@@ -17,6 +17,9 @@ CPU:
             VNNI integer dot products: bf16 would be emulated (6x *slower* than fp32 on an
             AVX2-only EPYC) while int8 runs 1.6x faster than fp32.
             fp32 otherwise (no AVX2: old or non-x86 CPUs without these flags).
+  The flags come from /proc/cpuinfo; the software must be able to use them too: int8 needs a
+  torch that dispatches to AVX2 or better (torch.backends.cpu.get_cpu_capability()), bf16 a
+  oneDNN not capped below its bf16 instructions by ONEDNN_MAX_CPU_ISA.
   fp16 is never chosen on CPU: x86 CPUs before AVX512-FP16 only convert it.
 
 Every chosen reduced precision must keep top-1 agreement >= 99% with fp32; `mixer-label bench`
@@ -48,7 +51,15 @@ class CpuInfo:
 
     @property
     def native_bf16(self) -> bool:
-        return any(f in self.flags for f in BF16_CPU_FLAGS)
+        """A bf16 dot-product instruction that oneDNN is allowed to use."""
+        return any(f in self.flags for f in BF16_CPU_FLAGS) and self.onednn_isa_allows_bf16
+
+    @property
+    def onednn_isa_allows_bf16(self) -> bool:
+        """ONEDNN_MAX_CPU_ISA (or DNNL_) can cap oneDNN below the bf16 instructions."""
+        cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+        cap = cap.strip().upper()
+        return not cap or cap == "ALL" or "BF16" in cap or "AMX" in cap or "AVX10" in cap
 
     @property
     def amx(self) -> bool:
@@ -56,8 +67,10 @@ class CpuInfo:
 
     @property
     def int8_dot(self) -> bool:
-        """VNNI / AMX int8 dot products, or AVX2's pmaddubsw (fbgemm's path)."""
-        return any(f in self.flags for f in VNNI_CPU_FLAGS) or "avx2" in self.flags
+        """VNNI / AMX int8 dot products, or AVX2's pmaddubsw (fbgemm's path), and a torch
+        build that dispatches to AVX2 or better (the quantized kernels need it)."""
+        has_isa = any(f in self.flags for f in VNNI_CPU_FLAGS) or "avx2" in self.flags
+        return has_isa and self.capability.upper().startswith(("AVX2", "AVX512"))
 
     def describe(self) -> dict[str, object]:
         interesting = [f for f in (*BF16_CPU_FLAGS, *VNNI_CPU_FLAGS, "avx512f", "avx2")]

@@ -169,10 +169,10 @@ def test_bad_arguments_name_what_is_wrong(tiny):
 
 # --- the auto rule on hardware that is not here -----------------------------------------------
 
-XEON_AMX = CpuInfo("Xeon (Sapphire Rapids)", frozenset({"avx2", "avx512f", "amx_bf16", "amx_int8"}))
-EPYC_AVX2 = CpuInfo("AMD EPYC 7B12", frozenset({"avx2", "fma"}))
-ZEN4 = CpuInfo("AMD EPYC 9R14", frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}))
-OLD = CpuInfo("old", frozenset({"sse4_2"}))
+XEON_AMX = CpuInfo("Xeon (SPR)", frozenset({"avx2", "avx512f", "amx_bf16", "amx_int8"}), "AVX512")
+EPYC_AVX2 = CpuInfo("AMD EPYC 7B12", frozenset({"avx2", "fma"}), "AVX2")
+ZEN4 = CpuInfo("AMD EPYC 9R14", frozenset({"avx2", "avx512_bf16", "avx512_vnni"}), "AVX512")
+OLD = CpuInfo("old", frozenset({"sse4_2"}), "DEFAULT")
 
 
 @pytest.mark.parametrize(
@@ -197,6 +197,15 @@ def test_auto_rule_on_gpus(capability, backends, expected):
     gpu = GpuInfo("Some GPU", capability)
     choice = choose(available=backends, device="cuda:0", gpu=gpu)
     assert (choice.backend, choice.precision) == expected
+
+
+def test_auto_never_picks_what_the_software_cannot_use(monkeypatch):
+    no_avx2_build = CpuInfo("EPYC, torch built without AVX2", EPYC_AVX2.flags, "DEFAULT")
+    assert choose(available=("torch",), device="cpu", cpu=no_avx2_build).precision == "fp32"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")  # oneDNN capped below bf16
+    assert choose(available=("torch",), device="cpu", cpu=XEON_AMX).precision == "int8"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert choose(available=("torch",), device="cpu", cpu=XEON_AMX).precision == "bf16"
 
 
 def test_auto_precision_follows_an_explicit_backend():
