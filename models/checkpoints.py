@@ -173,9 +173,27 @@ def save_checkpoint(model: MlpMixer, path: str | Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    _sort_safetensors_header(tmp)
     tmp.replace(path)
     model.sha256 = file_sha256(path)
     return model.sha256
+
+
+def _sort_safetensors_header(path: Path) -> None:
+    """Rewrite the JSON header with sorted keys, so the same weights give the same sha256.
+
+    safetensors writes its header from a hash map in arbitrary order; resume compares model
+    sha256s across runs, so the bytes must not depend on that order.
+    """
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        encoded = canonical.encode()
+        if len(encoded) > length:  # cannot happen for the same content; never corrupt a file
+            raise CheckpointError(f"{path}: canonical header longer than the written one")
+        f.seek(8)
+        f.write(encoded.ljust(length, b" "))  # safetensors pads its header with spaces
 
 
 # --- official npz -------------------------------------------------------------------------

@@ -181,3 +181,13 @@ def test_resolve_model_takes_presets_and_files(tmp_path):
     assert resolve_model("tiny").config == PRESETS["tiny"]
     with pytest.raises(CheckpointError, match="neither a checkpoint file nor a preset"):
         resolve_model("no-such-model")
+
+
+def test_same_weights_give_the_same_file_and_sha256(tmp_path):
+    # Resume compares model sha256s across runs: saving must be byte-for-byte repeatable.
+    model = build_preset("tiny")
+    first = save_checkpoint(model, tmp_path / "a.safetensors")
+    second = save_checkpoint(model, tmp_path / "b.safetensors")
+    assert first == second
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert load_checkpoint(tmp_path / "b.safetensors").sha256 == first
