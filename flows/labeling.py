@@ -22,7 +22,7 @@ from pydantic.fields import FieldInfo
 from flows.drift import DriftReport, compare
 
 Backend = Literal["auto", "torch", "onnxruntime", "tensorrt"]
-Precision = Literal["auto", "fp32", "fp16", "bf16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 
 
 def Param(title: str, description: str, **constraints: Any) -> FieldInfo:
@@ -207,13 +207,16 @@ def label_images(
         Backend,
         Param(
             title="Backend",
-            description="Inference runtime; auto picks the fastest present "
-            "(TensorRT, then onnxruntime, then torch).",
+            description="Inference runtime; auto: TensorRT on GPUs where installed, else torch.",
         ),
     ] = "auto",
     precision: Annotated[
         Precision,
-        Param(title="Precision", description="auto: fp16/bf16 on GPUs, fp32 on CPUs."),
+        Param(
+            title="Precision",
+            description="auto: what the hardware runs natively: bf16 on Ampere+ GPUs (fp16 "
+            "on older), bf16 on CPUs with AMX/AVX512-BF16, else int8 or fp32.",
+        ),
     ] = "auto",
     batch_size: Annotated[
         int, Param(title="Batch size", description="Images per forward pass.", ge=1, le=4096)
