@@ -229,6 +229,12 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
 
         with temporary_settings({PREFECT_API_URL: api_url, PREFECT_HOME: str(home)}):
             yield PrefectServer(api_url, f"http://127.0.0.1:{port}", str(home), str(log_path))
+            # Send this process's queued events and logs while the server still listens.
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            for service in (EventsWorker, APILogWorker):
+                service.drain_all(timeout=10)
     finally:
         for key, value in saved.items():
             if value is None:

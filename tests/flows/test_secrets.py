@@ -40,3 +40,19 @@ def test_bad_secret_values_are_refused_without_echoing_them(value, message):
 
 def test_no_block_name_changes_nothing():
     assert load_aws_secret(None) is False and load_aws_secret("") is False
+
+
+def test_credentials_come_from_a_real_secret_block(prefect_server, monkeypatch):
+    from prefect.blocks.system import Secret
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    value = {"aws_access_key_id": "AKIAFROMBLOCK", "aws_secret_access_key": "block-s3cr3t"}
+    Secret(value=json.dumps(value)).save("mixer-label-aws-test", overwrite=True)
+    assert load_aws_secret("mixer-label-aws-test") is True
+    import os
+
+    assert os.environ["AWS_ACCESS_KEY_ID"] == "AKIAFROMBLOCK"
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == "block-s3cr3t"
+    with pytest.raises(ValueError, match="no Prefect Secret block named 'absent-block'"):
+        load_aws_secret("absent-block")
