@@ -54,7 +54,7 @@ def summary_markdown(summary: Mapping[str, Any], drift: DriftReport | None = Non
         f"| images | {_int(images)} |",
         f"| errors | {_int(errors)}{error_share} |",
         f"| images/s | {float(summary['images_per_s']):,.1f} |",
-        f"| wall time | {float(summary['seconds']):,.1f} s |",
+        f"| labeling time | {float(summary['seconds']):,.1f} s |",
         f"| shards | {_int(summary['shards_total'])} total, {_int(summary['shards_done'])} labeled,"
         f" {_int(summary['shards_skipped'])} skipped (already done), {_int(failed)} failed |",
         f"| model | `{summary['model']}` |",
