@@ -7,6 +7,7 @@ Nothing here sees a credential: URIs are shown with any `user:password@` part re
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -150,7 +151,7 @@ class ShardProgress:
         self.finished = self.skipped = self.failed = self.images = 0
         self._lock = threading.Lock()
         self._min_interval_s = min_interval_s
-        self._last_update = 0.0
+        self._last_update = -math.inf
         self.artifact_id = create_progress_artifact(
             progress=100.0 if total == 0 else 0.0,
             key=artifact_key("labeling-progress", output_uri),

@@ -105,3 +105,35 @@ def test_class_count_rows_most_frequent_first_with_shares():
         {"class": "b", "count": 1, "share": 0.25},
     ]
     assert class_count_rows({}) == []
+
+
+def test_shard_progress_throttles_but_always_reports_the_last_shard(prefect_server):
+    from types import SimpleNamespace
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from flows.artifacts import ShardProgress
+
+    def progress_artifact(artifact_id):
+        with get_client(sync_client=True) as client:
+            (artifact,) = [a for a in client.read_artifacts() if a.id == artifact_id]
+        return artifact
+
+    @flow
+    def three_shards() -> list:
+        progress = ShardProgress(3, "s3://labels/progress-test", min_interval_s=600)
+        seen = [progress_artifact(progress.artifact_id)]
+        progress.shard_done(SimpleNamespace(images=0, skipped=True, failed=False))
+        progress.shard_done(SimpleNamespace(images=0, skipped=False, failed=True))
+        # The first update went through; the second fell inside the interval.
+        seen.append(progress_artifact(progress.artifact_id))
+        progress.shard_done(SimpleNamespace(images=5, skipped=False, failed=False))
+        return [*seen, progress_artifact(progress.artifact_id)]
+
+    start, first, last = three_shards()
+    assert float(start.data) == 0.0
+    assert round(float(first.data), 1) == 33.3
+    assert first.description.startswith("1/3 shards finished (1 already done)")
+    assert float(last.data) == 100.0
+    assert last.description == "3/3 shards finished (1 already done), 1 failed, 5 images labeled"
