@@ -86,7 +86,7 @@ def test_every_image_exactly_once_broken_ones_as_error_rows(
     code = cli_main(
         ["run", f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", "--model", tiny_model]
         + ["--date", DATE, "--batch-size", "4", "--image-column", "jpg"]
-        + ["--no-progress", "--json"]
+        + ["--embeddings", "--topk", "3", "--no-progress", "--json"]
     )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
@@ -101,6 +101,10 @@ def test_every_image_exactly_once_broken_ones_as_error_rows(
         else:
             assert row["label"] is None and item.error_contains in row["error"].lower(), name
     assert by_key["pq-missing"]["error"] and by_key["pq-0"]["error"] is None
+    for row in rows:  # --embeddings --topk 3: the tiny model's 64 pre-head features
+        ok = row["error"] is None
+        assert (len(row["embedding"]) == 64) if ok else row["embedding"] is None
+        assert (len(row["topk_labels"]) == 3) if ok else row["topk_labels"] is None
     # Ground truth from the tars' .cls files travels to the output.
     assert by_key["img-000007"]["true_label"] == 7
     errors = sum(r["error"] is not None for r in rows)

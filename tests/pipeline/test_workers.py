@@ -121,6 +121,7 @@ def test_cpu_nodes_get_one_actor_owning_all_cores() -> None:
         (8, 8, "a", "cpu"),
         (2, 2, "b", "cpu"),
     ]
+    assert [p.decode_threads for p in plans] == [4, 1]  # one per two cores
 
 
 def test_gpu_nodes_get_one_actor_per_gpu_with_the_cpus_beside_it() -> None:
