@@ -133,7 +133,7 @@ def run_baseline(
         Labeler,
         fn_constructor_args=(model, backend, precision, threads, topk),
         batch_size=batch_size,
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=actor_cpus,
     )
     labeled.write_parquet(out_path, filesystem=out_fs)
