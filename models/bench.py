@@ -169,7 +169,10 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
         limit = rate * 1e9 / flops
         report["limit"] = {"gflops": rate, "kind": kind, "images_per_s": limit}
         for result in results:
-            result["percent_of_limit"] = 100 * result["images_per_s"] / limit
+            # Best against best: a GEMM peak is a best-of by nature, and on a shared machine
+            # the best batch is the one least disturbed by other processes.
+            result["percent_of_limit"] = 100 * result["best_images_per_s"] / limit
+            result["percent_of_limit_median"] = 100 * result["images_per_s"] / limit
     report["results"] = results
 
     if options.memory and "auto" in options.backends and pairs:
@@ -204,7 +207,7 @@ def _bench_predictor(
     quality = agreement(reference, predict_all(predictor.predict, images, batch))
     x = repeat_to(images, batch)
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
-    timing = time_batches(lambda: predictor.predict(x), batch, options.seconds, sync=sync)
+    timing = time_batches(lambda: predictor.predict(x), batch, options.seconds, 5, sync=sync)
     row = {
         "backend": predictor.name,
         "precision": predictor.precision,
@@ -245,7 +248,7 @@ def _bench_timm(config, images, options, sizes, log) -> list[dict]:
     for batch in sizes:
         x = repeat_to(images, batch)
         with torch.inference_mode():
-            timing = time_batches(lambda x=x: reference(x), batch, options.seconds)
+            timing = time_batches(lambda x=x: reference(x), batch, options.seconds, 5)
         row = {"backend": f"timm {name} (eager)", "precision": "fp32", "device": "cpu"}
         row.update(setup_s=0.0, **timing.to_dict())
         log(f"  timm {name} fp32 eager batch {batch}: {row['images_per_s']:.1f} img/s")
@@ -276,13 +279,14 @@ def format_markdown(report: dict) -> str:
     if limit:
         lines.append(
             f"Hardware limit: {limit['images_per_s']:.1f} img/s "
-            f"({limit['kind']} GEMM at {limit['gflops']:.0f} GFLOP/s)"
+            f"({limit['kind']} GEMM at {limit['gflops']:.0f} GFLOP/s, best of short runs); "
+            "% of limit = best batch / limit"
         )
     lines += [
         "",
-        "| backend | precision | batch | img/s | % of limit | p50 ms | p90 ms | top-1 agree"
-        " | max Δprob | min cos | setup s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| backend | precision | batch | img/s (median) | img/s (best) | % of limit | p50 ms"
+        " | p90 ms | top-1 agree | max Δprob | min cos | setup s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         pct = f"{r['percent_of_limit']:.0f}%" if "percent_of_limit" in r else "-"
@@ -293,7 +297,8 @@ def format_markdown(report: dict) -> str:
         )
         lines.append(
             f"| {r['backend']} | {r['precision']} | {r['batch_size']} | {r['images_per_s']:.1f} | "
-            f"{pct} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | {quality} | {r['setup_s']:.0f} |"
+            f"{r['best_images_per_s']:.1f} | {pct} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | "
+            f"{quality} | {r['setup_s']:.0f} |"
         )
     if report.get("gemm"):
         lines += ["", "| GEMM (M x K x N) | " + " | ".join(report["gemm"]) + " |"]

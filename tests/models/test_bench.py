@@ -149,7 +149,7 @@ def test_whole_run_on_tiny_gives_table_and_json(tmp_path, capsys):
     )
     assert code == 0
     out = capsys.readouterr().out
-    assert "| backend | precision | batch | img/s | % of limit |" in out
+    assert "| backend | precision | batch | img/s (median) | img/s (best) | % of limit |" in out
     report = json.loads(path.read_text())
     rows = {(r["backend"], r["precision"]) for r in report["results"]}
     assert {("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32")} <= rows
@@ -194,6 +194,7 @@ def test_markdown_of_a_report_without_gemm_or_memory():
                 "precision": "fp32",
                 "batch_size": 2,
                 "images_per_s": 3.0,
+                "best_images_per_s": 4.0,
                 "p50_ms": 1,
                 "p90_ms": 2,
                 "setup_s": 0,
@@ -202,4 +203,4 @@ def test_markdown_of_a_report_without_gemm_or_memory():
         "notes": ["n"],
     }
     text = format_markdown(report)
-    assert "| torch | fp32 | 2 | 3.0 | - |" in text and "- n" in text
+    assert "| torch | fp32 | 2 | 3.0 | 4.0 | - |" in text and "- n" in text
