@@ -198,25 +198,27 @@ def peak_rss_bytes() -> int:
 
 
 def memory_probe(model_spec: str, backend: str, precision: str, batch_size: int, device: str):
-    """Run in a fresh process: peak RSS of loading, creating the predictor and one batch."""
+    """Run in a fresh process: peak RSS of loading, creating the predictor and one batch.
+
+    The predictor is created from the spec, as a worker should: create() then owns the fp32
+    weights it loaded and frees them once converted.
+    """
     from models.backends import create
-    from models.checkpoints import resolve_model
+    from models.mixer import MlpMixer
 
     torch.zeros(1)  # torch's own allocations belong to the baseline
     baseline = current_rss_bytes()
-    model = resolve_model(model_spec)
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    config = model.config
-    predictor = create(model, backend, precision, device, batch_size=batch_size)
-    described = predictor.describe()
-    del model
+    predictor = create(model_spec, backend, precision, device, batch_size=batch_size)
+    config = predictor.config
+    with torch.device("meta"):
+        weights = 4 * MlpMixer(config).num_parameters()  # fp32, as loaded
     gc.collect()
-    size = config.image_size
-    predictor.predict(synthetic_images(batch_size, size))
+    predictor.predict(synthetic_images(batch_size, config.image_size))
     # One batch's largest live activations: the channel MLP's hidden layer and its input.
     act_bytes = (
         4 * batch_size * config.num_tokens * (config.channels_mlp_dim + 2 * config.hidden_dim)
     )
+    described = predictor.describe()
     return {
         "backend": described["backend"],
         "precision": described["precision"],

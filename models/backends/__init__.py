@@ -79,7 +79,8 @@ def create(
     batch_size (all), threads (torch, onnxruntime), compile and cuda_graphs (torch),
     cache_dir (onnxruntime, tensorrt), cache_store, max_batch_size, workspace_gib (tensorrt).
     """
-    if not isinstance(model, MlpMixer):
+    owned = not isinstance(model, MlpMixer)
+    if owned:
         from models.checkpoints import resolve_model
 
         model = resolve_model(model)
@@ -109,11 +110,9 @@ def create(
         from models.backends.tensorrt_backend import TensorRTPredictor as cls
     # Options are shared across backends (a caller sets cache_dir once); each takes its own.
     accepted = inspect.signature(cls.__init__).parameters
-    predictor = cls(
-        model,
-        choice.precision,
-        choice.device,
-        **{k: v for k, v in options.items() if k in accepted and v is not None},
-    )
+    kwargs = {k: v for k, v in options.items() if k in accepted and v is not None}
+    if owned and "release_source" in accepted:
+        kwargs["release_source"] = True  # nobody else holds the fp32 weights loaded here
+    predictor = cls(model, choice.precision, choice.device, **kwargs)
     predictor.choice = choice
     return predictor

@@ -55,8 +55,12 @@ class TorchPredictor(Predictor):
         compile: bool | None = None,
         cuda_graphs: bool | None = None,
         threads: int | None = None,
+        release_source: bool = False,
     ) -> None:
+        """`release_source`: free `model`'s weights once converted (create() sets it when it
+        loaded the model itself), so they are not resident while compiling."""
         super().__init__(model)
+        self._release_source = release_source
         self.device = device
         self.precision = precision
         on_gpu = device.startswith("cuda")
@@ -87,11 +91,15 @@ class TorchPredictor(Predictor):
         dtype = DTYPES[precision]
         by_table = self.compiled and dtype == torch.bfloat16 and device == "cpu"
         module = FusedMixer(model, dtype, gelu_by_table=by_table).to(device).eval()
+        if self._release_source:
+            model.to("meta")  # the fused module holds its own converted copy
         size = self.config.image_size
         example = torch.zeros(self.preferred_batch_size, 3, size, size, device=device)
         forward = module
         if self.compiled:
             forward = _compile(module, example)
+            if forward is None and self._release_source:
+                raise BackendError("torch.compile failed (see the log); pass compile=False")
             if forward is None:  # no working compiler: run eagerly, slower but correct
                 self.compiled = False
                 self.fixed_batch = self.cuda_graphs

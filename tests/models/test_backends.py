@@ -118,6 +118,7 @@ def test_create_takes_a_checkpoint_path_and_a_preset_name(tiny, tmp_path, images
     assert torch.allclose(from_file.predict(images), tiny(images), atol=1e-5)
     from_preset = create("tiny", "torch", "fp32", "cpu")
     assert torch.allclose(from_preset.predict(images), tiny(images), atol=1e-5)
+    assert tiny.stem.weight.device.type == "cpu"  # a model passed in is never released
 
 
 def test_compiled_torch_runs_any_batch_size_with_one_shape(tiny, images):
