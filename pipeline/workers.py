@@ -87,9 +87,17 @@ class ShardLabeler:
         from pipeline.shards import read_records
 
         started_at, start = time.time(), time.perf_counter()
-        records = read_records(self.storage(shard.uri), shard, self.spec.image_column)
+        decode_threads = self.spec.decode_threads or 2
+        # Loose-image shards are latency-bound GETs: a few in flight per decode thread keep the
+        # decoders fed; many more only add GIL contention next to the model.
+        records = read_records(
+            self.storage(shard.uri),
+            shard,
+            self.spec.image_column,
+            fetch_threads=4 * decode_threads,
+        )
         decoded = decode_in_threads(
-            records, self.model.preprocessing, self.spec.decode_threads or 2, ImageLimits()
+            records, self.model.preprocessing, decode_threads, ImageLimits()
         )
         table = ShardTable(shard.name, self.model.label_names, self.spec.embeddings)
         predictor = _Serialized(self.predictor, self._predict_lock)
