@@ -192,6 +192,17 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
+    """Peak resident set size of this process: VmHWM, which starts afresh at exec.
+
+    getrusage's ru_maxrss would not do: Linux carries it across fork + exec, so a child
+    spawned by a big parent reports the parent's size as its own peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

@@ -16,6 +16,7 @@ from models.measure import (
     gemm_peaks,
     gemm_rate,
     load_inputs,
+    memory_in_fresh_process,
     memory_probe,
     repeat_to,
     synthetic_images,
@@ -112,6 +113,12 @@ def test_memory_probe_reports_weights_and_peak():
     )
     assert result["weights_mb"] == pytest.approx(params * 4 / 2**20)
     assert result["peak_mb"] >= 0 and result["activations_mb"] > 0
+
+
+def test_fresh_process_peak_is_its_own_not_the_parents():
+    parent = bytearray(300 * 2**20)  # resident: bytearray zero-fills its pages
+    result = memory_in_fresh_process("tiny", "torch", "fp32", 4, "cpu")
+    assert len(parent) and result["peak_mb"] < 200  # ru_maxrss would say >= 300
 
 
 def test_configurations_put_auto_first_and_run_each_pair_once():
