@@ -67,12 +67,15 @@ def config_from_args(args: argparse.Namespace):
 def main(args: argparse.Namespace) -> int:
     from pipeline.pool import PoolError
     from pipeline.run import RunError, run_labeling
+    from pipeline.storage import StorageError
 
     config = config_from_args(args)
     progress = Progress(enabled=not args.no_progress)
     try:
         summary = run_labeling(config, on_shard_done=progress.shard_done)
-    except (RunError, PoolError) as err:
+    except (RunError, PoolError, StorageError) as err:
+        # StorageError here: the listing or the summary write broke mid-run. Finished shards
+        # are complete files; running the same command again resumes after them.
         raise UserFacingError(str(err)) from None
     finally:
         progress.close()
