@@ -274,9 +274,19 @@ def ray_session(address: str | None) -> Iterator[None]:
     try:
         if address:
             ray.init(address=address, **kwargs)
+        elif os.environ.get("RAY_ADDRESS"):
+            # Inside `ray job submit`, a RayJob or a worker pointed at a cluster: join it, and
+            # pass no local-start arguments (Ray refuses them when joining).
+            ray.init(**kwargs)
         else:
-            # Results are small (the Parquet goes straight to storage): a small object store.
-            ray.init(include_dashboard=False, object_store_memory=256 * 1024 * 1024, **kwargs)
+            # address="local" always starts our own Ray, never a stray `ray start` cluster on
+            # this machine. Results are small (Parquet goes straight to storage): a small store.
+            ray.init(
+                address="local",
+                include_dashboard=False,
+                object_store_memory=256 * 1024 * 1024,
+                **kwargs,
+            )
     except Exception as err:  # ConnectionError, TimeoutError, RuntimeError, ...
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise RunError(f"cannot start or join {where}: {_one_line(err)}") from None

@@ -159,7 +159,13 @@ def ray_local(s3_server: S3Server) -> Iterator[object]:
     """One local Ray for the session (starts after S3 so workers inherit its AWS_* env)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     yield ray
     ray.shutdown()
 
