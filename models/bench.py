@@ -46,6 +46,7 @@ class BenchOptions:
     timm: bool = True
     memory: bool = True
     cache_dir: str | None = None
+    compile: bool | None = None  # torch: None = its own rule (compile models >= 1 GFLOP)
     command: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -151,6 +152,9 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
                         log,
                     )
                 )
+                results[-1]["auto"] = (
+                    "auto" in options.backends and (backend, precision) == pairs[0]
+                )
             except (BackendError, RuntimeError, ValueError) as err:
                 message = str(err).splitlines()[0][:200]
                 log(f"  {backend} {precision}: skipped ({message})")
@@ -201,6 +205,7 @@ def _bench_predictor(
         batch_size=batch_size,
         threads=options.threads,
         cache_dir=options.cache_dir,
+        compile=options.compile,
     )
     setup = time.perf_counter() - start
     batch = predictor.preferred_batch_size
@@ -295,8 +300,10 @@ def format_markdown(report: dict) -> str:
             if "top1_agreement" in r
             else "- | - | -"
         )
+        backend = r["backend"] + (" (compiled)" if r.get("compiled") else "")
+        precision = r["precision"] + (" (auto)" if r.get("auto") else "")
         lines.append(
-            f"| {r['backend']} | {r['precision']} | {r['batch_size']} | {r['images_per_s']:.1f} | "
+            f"| {backend} | {precision} | {r['batch_size']} | {r['images_per_s']:.1f} | "
             f"{r['best_images_per_s']:.1f} | {pct} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | "
             f"{quality} | {r['setup_s']:.0f} |"
         )
@@ -350,6 +357,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inputs", default=None, help=".npy of normalized images for agreement")
     parser.add_argument("--agreement-images", type=int, default=64)
     parser.add_argument("--cache-dir", default=None, help="ONNX / TensorRT cache folder")
+    parser.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="torch.compile for the torch backend (auto: models of >= 1 GFLOP/image)",
+    )
     parser.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
     parser.add_argument("--no-gemm", action="store_true", help="skip the GEMM peak")
     parser.add_argument("--no-timm", action="store_true", help="skip timm's reference")
@@ -382,6 +395,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         timm=not args.no_timm,
         memory=not args.no_memory,
         cache_dir=args.cache_dir,
+        compile={"auto": None, "on": True, "off": False}[args.compile],
         command="mixer-label bench " + " ".join(sys.argv[2:])
         if len(sys.argv) > 1 and sys.argv[1] == "bench"
         else "mixer-label bench",

@@ -160,6 +160,7 @@ def test_whole_run_on_tiny_gives_table_and_json(tmp_path, capsys):
     report = json.loads(path.read_text())
     rows = {(r["backend"], r["precision"]) for r in report["results"]}
     assert {("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32")} <= rows
+    assert report["results"][0]["auto"] and "(auto) | 4 |" in out
     for row in report["results"]:
         assert row["batch_size"] == 4 and row["images_per_s"] > 0
         assert 0 <= row["top1_agreement"] <= 1 and row["percent_of_limit"] > 0
