@@ -251,7 +251,9 @@ def actor_class(max_restarts: int = 4):
 
     max_task_retries stays 0: the driver resubmits a shard whose actor died, to whichever actor
     is alive, and counts the attempts per shard, so a shard that kills every worker it touches
-    ends in failed_shards instead of being retried forever.
+    ends in failed_shards instead of being retried forever. It also means Ray fails a task
+    sent to an unreachable actor at once (RayActorError) instead of holding it for a restart
+    that may never come (a lost node, no room elsewhere).
     """
     import ray
 
