@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 MAIN_STAMP := $(VENV)/.installed-main
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo demo-s3 test lint bench install dev clean
+.PHONY: demo demo-s3 test lint bench bench-pipeline install dev clean
 
 ## demo: build the digits shards, train (or reuse) the model, run the nightly flow end to end
 demo: $(MAIN_STAMP)
@@ -47,3 +47,9 @@ $(DEV_STAMP): pyproject.toml requirements/constraints.txt requirements/dev.txt |
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache
+
+## bench-pipeline: end to end (local S3 API → Parquet) vs model-only vs a plain Ray Data script
+bench-pipeline: $(DEV_STAMP)
+	$(BIN)/python -m pipeline.pipeline_bench --model B/16 --images 1024 --images-per-shard 128 \
+		--batch-size 32 --model-seconds 10 --repeat 2 --json bench-pipeline.json
+	$(BIN)/python -m pipeline.pipeline_bench --model B/16 --skip-throughput --listing-shards 10000
