@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -33,6 +34,23 @@ def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen | 
     raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
 
 
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """moto's S3 HTTP API in its own process on a free loopback port; yields its endpoint URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, process=process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
 @dataclass
 class S3Server:
     """moto's S3 HTTP API in its own process, reached through boto3 as in production."""
@@ -53,15 +71,7 @@ class S3Server:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """A moto server on a free loopback port; AWS_* variables point the standard chain at it."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, process=process)
-        endpoint = f"http://127.0.0.1:{port}"
+    with moto_server() as endpoint:
         patch = {
             "AWS_ACCESS_KEY_ID": "testing-key-id",
             "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
@@ -76,9 +86,6 @@ def s3_server() -> Iterator[S3Server]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture
@@ -117,15 +124,7 @@ def s3_auth_server() -> Iterator[AuthS3Server]:
 
     import boto3
 
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, process=process)
-        endpoint = f"http://127.0.0.1:{port}"
+    with moto_server() as endpoint:
         # Set up while moto still accepts anything, then switch authentication on.
         admin = {"endpoint_url": endpoint, "region_name": "us-east-1"}
         admin |= {"aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
@@ -149,9 +148,6 @@ def s3_auth_server() -> Iterator[AuthS3Server]:
         )
         urllib.request.urlopen(request, timeout=10).read()
         yield AuthS3Server(endpoint, bucket, keys)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
