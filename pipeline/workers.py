@@ -46,16 +46,16 @@ class ShardLabeler:
         import torch
 
         from models.backends import create
-        from models.checkpoints import resolve_model
         from pipeline.model_cache import local_model
 
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self.spec = spec
-        self.model = resolve_model(local_model(spec.model, spec.storage_options))
-        # The run's batch size is the predictor's too: a compiled graph has one fixed shape.
+        # Created from the path, not a loaded model: create() then frees the fp32 weights once
+        # converted (240 MB for B/16), and the predictor carries name, sha256, labels and
+        # preprocessing. The run's batch size is the predictor's: a compiled graph has one shape.
         self.predictor = create(
-            self.model,
+            local_model(spec.model, spec.storage_options),
             spec.backend,
             spec.precision,
             spec.device,
@@ -97,9 +97,9 @@ class ShardLabeler:
             fetch_threads=4 * decode_threads,
         )
         decoded = decode_in_threads(
-            records, self.model.preprocessing, decode_threads, ImageLimits()
+            records, self.predictor.preprocessing, decode_threads, ImageLimits()
         )
-        table = ShardTable(shard.name, self.model.label_names, self.spec.embeddings)
+        table = ShardTable(shard.name, self.predictor.label_names, self.spec.embeddings)
         predictor = _Serialized(self.predictor, self._predict_lock)
         timing = label_decoded(decoded, predictor, table, self.spec.batch_size, self.spec.topk)
         metadata = file_metadata(self, shard)
@@ -150,8 +150,8 @@ def _ray_node_id() -> str | None:
 def file_metadata(labeler: ShardLabeler, shard) -> dict[str, str]:
     """The Parquet key-value metadata of one shard's file (see pipeline.writer.METADATA_KEYS)."""
     return {
-        "model_name": labeler.model.name,
-        "model_sha256": labeler.model.sha256 or "",
+        "model_name": labeler.predictor.model_name,
+        "model_sha256": labeler.predictor.sha256,
         "backend": str(labeler.predictor.name),
         "precision": str(labeler.predictor.precision),
         "input_uri": shard.uri,
