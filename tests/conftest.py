@@ -35,6 +35,21 @@ def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen | 
 
 
 @contextlib.contextmanager
+def patched_environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for a fixture's lifetime; restore (or remove) them after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
 def moto_server() -> Iterator[str]:
     """moto's S3 HTTP API in its own process on a free loopback port; yields its endpoint URL."""
     port = free_port()
@@ -78,14 +93,8 @@ def s3_server() -> Iterator[S3Server]:
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_ENDPOINT_URL_S3": endpoint,
         }
-        saved = {k: os.environ.get(k) for k in patch}
-        os.environ.update(patch)
-        yield S3Server(endpoint)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        with patched_environ(patch):
+            yield S3Server(endpoint)
 
 
 @pytest.fixture
@@ -198,8 +207,8 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
         "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
         "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
     }
-    saved = {k: os.environ.get(k) for k in patch}
-    os.environ.update(patch)
+    environ = contextlib.ExitStack()
+    environ.enter_context(patched_environ(patch))
     log_path = home / "server.log"
     log = open(log_path, "wb")  # noqa: SIM115 - kept open for the server's lifetime
     prefect_cli = os.path.join(os.path.dirname(sys.executable), "prefect")
@@ -238,11 +247,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
             for service in (EventsWorker, APILogWorker):
                 service.drain_all(timeout=10)
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        environ.close()
         try:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=20)
