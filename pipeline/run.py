@@ -225,6 +225,8 @@ def preflight(config: RunConfig) -> tuple[str, Iterator]:
         shards = list_shards(source, config.input_uri, config.images_per_shard)
         first = next(shards, None)
         if first is None:
+            if "://" not in config.input_uri and not Path(config.input_uri).exists():
+                raise RunError(f"{config.input_uri}: no such file or folder")
             raise RunError(f"{config.input_uri}: no image shards found (.tar, .parquet or images)")
         out = open_storage(config.output_uri, options)
         partition = partition_uri(config)

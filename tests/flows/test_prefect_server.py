@@ -267,7 +267,7 @@ def test_a_missing_input_folder_fails_the_run_with_a_readable_message(served, la
         )
     run = wait_for_run(created.id, log_path=served.log_path)
     assert run.state.is_failed(), run.state
-    assert str(missing) in run.state.message and "no image shards" in run.state.message
+    assert f"{missing}: no such file or folder" in run.state.message
     with get_client(sync_client=True) as client:
         tasks = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))

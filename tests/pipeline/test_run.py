@@ -330,6 +330,18 @@ def test_bad_model_and_empty_input_fail_fast(s3_server, s3_bucket, tiny_model, c
     assert _outputs(s3_bucket) == {}
 
 
+def test_a_missing_local_input_folder_is_named_as_missing(tmp_path, tiny_model, capsys) -> None:
+    missing = tmp_path / "no-such-folder"
+    code, err = _run_cli(capsys, str(missing), str(tmp_path / "out"), "--model", tiny_model)
+    assert code == 2 and f"{missing}: no such file or folder" in err
+    (tmp_path / "empty").mkdir()
+    code, err = _run_cli(
+        capsys, str(tmp_path / "empty"), str(tmp_path / "out"), "--model", tiny_model
+    )
+    assert code == 2 and "no image shards" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.parquet"))
+
+
 def test_unreachable_ray_address_fails_fast() -> None:
     from pipeline.run import RunError, check_reachable
     from tests.conftest import free_port
