@@ -19,20 +19,10 @@ from pipeline.shards import (
     read_records,
     split_member_name,
 )
-from pipeline.storage import ObjectNotFound, S3Storage, open_storage
+from pipeline.storage import ObjectNotFound, S3Storage
 from tests.pipeline import imagegen
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    """(storage, root URI) on each backend; the root is an empty folder / prefix."""
-    if request.param == "local":
-        root = str(tmp_path / "input")
-        return open_storage(root), root
-    bucket = request.getfixturevalue("s3_bucket")
-    return open_storage(f"s3://{bucket}"), f"s3://{bucket}/input"
 
 
 def one_shard(storage, root, name: str, data: bytes) -> Shard:

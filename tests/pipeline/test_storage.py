@@ -16,17 +16,6 @@ from pipeline.storage import (
 )
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    """(storage, root URI) on each backend; the root is an empty folder / prefix."""
-    if request.param == "local":
-        root = str(tmp_path / "root")
-        return open_storage(root), root
-    bucket = request.getfixturevalue("s3_bucket")
-    root = f"s3://{bucket}/root"
-    return open_storage(root), root
-
-
 def test_put_get_head_round_trip(store):
     storage, root = store
     uri = storage.join(root, "dir/obj.bin")
