@@ -162,7 +162,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
             gc.collect()
     sizes = sorted({r["batch_size"] for r in results} or {16})
     if options.timm:
-        results += _bench_timm(config, images, options, sizes, log)
+        results += _bench_timm(config, images, options, sizes, device, log)
 
     if options.gemm:
         kinds = ("fp32", "bf16", "fp16") if on_gpu else ("fp32", "bf16", "int8")
@@ -211,7 +211,10 @@ def _bench_predictor(
     batch = predictor.preferred_batch_size
     quality = agreement(reference, predict_all(predictor.predict, images, batch))
     x = repeat_to(images, batch)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    sync = None
+    if device.startswith("cuda"):
+        # Model-only: the batch already waits on the GPU, as a GPU-side decoder leaves it.
+        x, sync = x.to(device), torch.cuda.synchronize
     timing = time_batches(lambda: predictor.predict(x), batch, options.seconds, 5, sync=sync)
     row = {
         "backend": predictor.name,
@@ -230,8 +233,13 @@ def _bench_predictor(
     return row
 
 
-def _bench_timm(config, images, options, sizes, log) -> list[dict]:
-    """timm's eager fp32 model of the same geometry (random weights) on the same inputs."""
+def _bench_timm(config, images, options, sizes, device, log) -> list[dict]:
+    """timm's eager model of the same geometry (random weights) on the same inputs.
+
+    fp32 everywhere; on a GPU also timm's usual fast path, eager bf16 autocast (AMP).
+    """
+    import contextlib
+
     import torch
 
     from models.measure import repeat_to, time_batches, timm_reference_name
@@ -248,17 +256,28 @@ def _bench_timm(config, images, options, sizes, log) -> list[dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = timm.create_model(name, pretrained=False, num_classes=config.num_classes)
-    reference.eval()
+    on_gpu = device.startswith("cuda")
+    reference.eval().to(device)
+    sync = torch.cuda.synchronize if on_gpu else None
+    modes = {"fp32": contextlib.nullcontext}
+    if on_gpu:
+        modes["bf16"] = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     rows = []
     for batch in sizes:
-        x = repeat_to(images, batch)
-        with torch.inference_mode():
-            timing = time_batches(lambda x=x: reference(x), batch, options.seconds, 5)
-        row = {"backend": f"timm {name} (eager)", "precision": "fp32", "device": "cpu"}
-        row.update(setup_s=0.0, **timing.to_dict())
-        log(f"  timm {name} fp32 eager batch {batch}: {row['images_per_s']:.1f} img/s")
-        rows.append(row)
-    options.notes.append(f"timm {name}: random weights (no download), eager fp32, same inputs")
+        x = repeat_to(images, batch).to(device)
+        for precision, context in modes.items():
+
+            def run(x=x, context=context):
+                with torch.inference_mode(), context():
+                    return reference(x)
+
+            timing = time_batches(run, batch, options.seconds, 5, sync=sync)
+            label = "eager AMP" if precision != "fp32" else "eager"
+            row = {"backend": f"timm {name} ({label})", "precision": precision, "device": device}
+            row.update(setup_s=0.0, **timing.to_dict())
+            log(f"  timm {name} {precision} {label} batch {batch}: {row['images_per_s']:.1f} img/s")
+            rows.append(row)
+    options.notes.append(f"timm {name}: random weights (no download), eager, same inputs")
     return rows
 
 

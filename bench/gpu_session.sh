@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Everything a lent GPU should measure, in one call that fits the lease (about 8 minutes):
+# speed variants of the model (bench/gpu_variants.py), `mixer-label bench` on CUDA, and the
+# CUDA tests. Runs with the machine's own python3 and torch; logs and JSON land in $OUT.
+set -u
+OUT=${OUT:-/tmp/mixer-label-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python3 -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'
+  python3 -c 'import tensorrt; print("tensorrt", tensorrt.__version__)' 2>&1 | tail -1
+  python3 -c 'import onnxruntime as o; print("onnxruntime", o.__version__, o.get_available_providers())'
+  nproc
+} 2>&1 | tee "$OUT/env.txt"
+
+timeout 250 python3 bench/gpu_variants.py --batch-sizes 256,1024 --autotune-batch 512 \
+  --json "$OUT/variants.json" >"$OUT/variants.log" 2>&1
+echo "variants: exit $?"; tail -n 14 "$OUT/variants.log"
+
+timeout 150 python3 -c 'import argparse, sys
+from models.bench import add_arguments, main
+parser = argparse.ArgumentParser(); add_arguments(parser)
+sys.exit(main(parser.parse_args(sys.argv[1:])))' \
+  --device cuda --backends auto,torch,onnxruntime,tensorrt --precisions bf16,fp16 \
+  --batch-sizes 512 --seconds 3 --no-memory --json "$OUT/bench-cuda.json" >"$OUT/bench.log" 2>&1
+echo "bench: exit $?"; grep -E '^\||GPU:|limit' "$OUT/bench.log" | tail -n 14
+
+timeout 90 python3 -m pytest -q -p no:cacheprovider -o addopts=-ra tests/models/test_gpu_backends.py \
+  >"$OUT/gpu-tests.log" 2>&1
+echo "gpu tests: exit $?"; tail -n 8 "$OUT/gpu-tests.log"

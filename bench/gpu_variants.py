@@ -1,0 +1,243 @@
+"""Mixer-B/16 on one CUDA GPU: which way of running it is fastest, model only.
+
+Run on a lent GPU (see BENCHMARKS.md for the exact command); prints one table and writes
+JSON. Each variant runs the same bf16 weights on inputs already on the GPU, replayed as one
+CUDA graph per batch shape and timed with CUDA events (median of rounds), and is checked
+against the fp32 model on the same images (logits cosine, top-1 agreement):
+
+- paper-eager: `models.mixer.MlpMixer` in bf16, the paper's layout (two transposes a block).
+- fused-eager: `FusedMixer` (token-major, no transposes), no compiler.
+- fused-lt-gelu: fused-eager, with the channel MLP's bias + tanh GELU in cuBLASLt's GEMM
+  epilogue (torch._addmm_activation), so the widest activation is written once, not thrice.
+- fused-compiled: what `create(backend="torch", precision="bf16", device="cuda")` runs
+  (Inductor default mode, frozen weights; norms and pointwise ops fused; cuBLAS GEMMs).
+- fused-autotune: Inductor max-autotune (Triton GEMM templates with fused epilogues).
+
+Also measured: the bf16 GEMM ceiling (the model's channel GEMM and 8192^3), and JPEG decode
+on the GPU (nvJPEG through torchvision) against Pillow on one CPU core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.backends.torch_backend import CudaGraphed, _compile  # noqa: E402
+from models.backends.torch_fused import FusedMixer  # noqa: E402
+from models.measure import agreement, synthetic_images  # noqa: E402
+from models.mixer import build_preset  # noqa: E402
+
+GFLOP_PER_IMAGE = 25.2  # Mixer-B/16 at 224 (the issue's figure; 2 * MACs)
+
+
+def cuda_time_ms(fn, rounds: int = 7, reps: int = 20) -> float:
+    """Median over `rounds` of the mean time of `reps` calls, by CUDA events."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
+def gemm_tflops(m: int, k: int, n: int) -> float:
+    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+    return 2 * m * k * n / cuda_time_ms(lambda: a @ b) / 1e9
+
+
+def lt_gelu_forward(self: FusedMixer, images: torch.Tensor):
+    """FusedMixer.forward with the channel MLP's fc1 + bias + tanh GELU as one cuBLASLt GEMM."""
+    batch, _, height, width = images.shape
+    p, c = self.patch, self.channels
+    rows, cols = height // p, width // p
+    tokens = rows * cols
+    patches = images.to(self.dtype).reshape(batch, 3, rows, p, cols, p)
+    patches = patches.permute(2, 4, 0, 1, 3, 5).reshape(tokens * batch, 3 * p * p)
+    x = F.linear(patches, self.stem_weight, self.stem_bias)
+    for b in self.blocks:
+        y = self.norm(x, b.token_norm_weight, b.token_norm_bias).view(tokens, batch * c)
+        y = self.gelu(torch.mm(b.token_fc1_weight, y) + b.token_fc1_bias)
+        y = torch.mm(b.token_fc2_weight, y) + b.token_fc2_bias
+        x = x + y.view(tokens * batch, c)
+        y = self.norm(x, b.channel_norm_weight, b.channel_norm_bias)
+        y = torch._addmm_activation(b.channel_fc1_bias, y, b.channel_fc1_weight.t(), use_gelu=True)
+        x = torch.addmm(x, y, b.channel_fc2_weight.t()).add_(b.channel_fc2_bias)
+    x = F.layer_norm(x, (c,), self.norm_weight, self.norm_bias, eps=1e-6)
+    features = x.view(tokens, batch, c).float().mean(dim=0)
+    logits = F.linear(features.to(self.dtype), self.head_weight, self.head_bias)
+    return logits.float(), features
+
+
+def build_variant(name: str, model, example: torch.Tensor):
+    """A callable taking a CUDA batch of `example`'s shape, replayed as a CUDA graph."""
+    import torch._inductor.config as inductor_config
+
+    if name == "paper-eager":
+        paper = build_preset("B/16").to("cuda", torch.bfloat16).eval()
+        paper.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+
+        def paper_forward(x):
+            return paper(x.to(torch.bfloat16)).float(), None
+
+        return CudaGraphed(paper_forward, example)
+    fused = FusedMixer(model, torch.bfloat16).to("cuda").eval()
+    if name == "fused-eager":
+        return CudaGraphed(fused, example)
+    if name == "fused-lt-gelu":
+        return CudaGraphed(lambda x: lt_gelu_forward(fused, x), example)
+    if name == "fused-compiled":
+        return CudaGraphed(_compile(fused, example), example)
+    if name == "fused-autotune":
+        compiled = torch.compile(fused, mode="max-autotune-no-cudagraphs", fullgraph=True)
+        with inductor_config.patch(freezing=True), torch.inference_mode():
+            compiled(example)
+            compiled(example)
+        return CudaGraphed(compiled, example)
+    raise ValueError(f"unknown variant {name!r}")
+
+
+def bench_variants(names, batch_sizes, results) -> None:
+    model = build_preset("B/16").eval()
+    images = synthetic_images(64, 224)
+    with torch.inference_mode():
+        reference = model(images)  # fp32 on the CPU: the paper-exact model
+    model = model.cuda()
+    for batch in batch_sizes:
+        for name in names:
+            row = {"variant": name, "batch": batch}
+            try:
+                example = images.repeat((batch + 63) // 64, 1, 1, 1)[:batch].cuda()
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    run = build_variant(name, model, example)
+                    row["setup_s"] = time.perf_counter() - start
+                    logits = run(example)[0][:64].float().cpu()
+                    row.update(agreement(reference, logits))
+                    ms = cuda_time_ms(lambda run=run, example=example: run(example))
+                row.update(ms=ms, images_per_s=batch / ms * 1e3)
+                row["tflops"] = row["images_per_s"] * GFLOP_PER_IMAGE / 1e3
+                run = None  # free its graph before the next variant
+            except Exception as err:  # report and go on: one variant must not end the run
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                traceback.print_exc()
+            torch.cuda.empty_cache()
+            results["variants"].append(row)
+            print(json.dumps(row), flush=True)
+
+
+def bench_decode(count: int, results) -> None:
+    """nvJPEG (torchvision.io.decode_jpeg on CUDA) vs Pillow on one core, 500x375 JPEGs."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    blobs = []
+    for _ in range(count):
+        small = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+        image = Image.fromarray(small).resize((500, 375), Image.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=90)
+        blobs.append(buffer.getvalue())
+    start = time.perf_counter()
+    for blob in blobs:
+        Image.open(io.BytesIO(blob)).convert("RGB").resize((224, 224), Image.BILINEAR)
+    results["decode"]["pillow_one_core_images_per_s"] = count / (time.perf_counter() - start)
+    try:
+        from torchvision.io import decode_jpeg
+    except ImportError as err:
+        results["decode"]["nvjpeg"] = f"torchvision missing: {err}"
+        return
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+
+    def gpu_batch():
+        decoded = decode_jpeg(data, device="cuda")
+        return [
+            F.interpolate(d[None].float(), size=(224, 224), mode="bilinear", antialias=True)
+            for d in decoded
+        ]
+
+    ms = cuda_time_ms(gpu_batch, rounds=5, reps=3)
+    results["decode"]["nvjpeg_plus_resize_images_per_s"] = count / ms * 1e3
+    ms = cuda_time_ms(lambda: decode_jpeg(data, device="cuda"), rounds=5, reps=3)
+    results["decode"]["nvjpeg_decode_only_images_per_s"] = count / ms * 1e3
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", default="256,1024")
+    parser.add_argument(
+        "--variants", default="paper-eager,fused-eager,fused-lt-gelu,fused-compiled"
+    )
+    parser.add_argument(
+        "--autotune-batch",
+        type=int,
+        default=512,
+        help="batch size for fused-autotune (minutes of tuning, so one size; 0: skip)",
+    )
+    parser.add_argument("--decode-images", type=int, default=256)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_variants: no CUDA device visible to torch", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+    props = torch.cuda.get_device_properties(0)
+    results: dict = {
+        "gpu": props.name,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "gemm_tflops": {},
+        "variants": [],
+        "decode": {},
+    }
+    for m, k, n in ((1024 * 196, 768, 3072), (8192, 8192, 8192)):
+        results["gemm_tflops"][f"{m}x{k}x{n}"] = gemm_tflops(m, k, n)
+    print(json.dumps(results["gemm_tflops"]), flush=True)
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    bench_variants(args.variants.split(","), sizes, results)
+    if args.autotune_batch:
+        bench_variants(["fused-compiled", "fused-autotune"], [args.autotune_batch], results)
+    try:
+        bench_decode(args.decode_images, results)
+    except Exception as err:
+        results["decode"]["error"] = f"{type(err).__name__}: {err}"
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{results['gpu']}, torch {results['torch']}, {results['date']}")
+    gemms = results["gemm_tflops"].items()
+    print("bf16 GEMM TFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in gemms))
+    print("| variant | batch | img/s | TFLOP/s | top-1 | min cos | setup s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results["variants"]:
+        if "error" in r:
+            print(f"| {r['variant']} | {r['batch']} | {r['error']} |")
+            continue
+        print(
+            f"| {r['variant']} | {r['batch']} | {r['images_per_s']:.0f} | {r['tflops']:.0f} | "
+            f"{100 * r['top1_agreement']:.1f}% | {r['min_cosine']:.4f} | {r['setup_s']:.0f} |"
+        )
+    print("decode:", json.dumps(results["decode"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
