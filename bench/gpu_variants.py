@@ -104,6 +104,11 @@ def build_variant(name: str, model, example: torch.Tensor):
         return CudaGraphed(fused, example)
     if name == "fused-lt-gelu":
         return CudaGraphed(lambda x: lt_gelu_forward(fused, x), example)
+    if name == "fused-lt-compiled":
+        wrapper = torch.nn.Module()
+        wrapper.fused = fused
+        wrapper.forward = lambda x: lt_gelu_forward(wrapper.fused, x)
+        return CudaGraphed(_compile(wrapper, example), example)
     if name == "fused-compiled":
         return CudaGraphed(_compile(fused, example), example)
     if name == "fused-autotune":

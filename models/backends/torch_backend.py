@@ -174,9 +174,12 @@ def _compile(module: torch.nn.Module, example: torch.Tensor):
     # Default mode on CUDA too: its GEMMs are cuBLAS's either way, max-autotune adds minutes of
     # tuning per actor, and CUDA graphs are ours (CudaGraphed), not Inductor's.
     compiled = torch.compile(module, dynamic=False, fullgraph=True)
-    # Freezing folds the weights into constants (oneDNN prepacks them) and drops the
-    # originals, so the compiled predictor holds one copy of its weights.
-    patch = inductor_config.patch(freezing=True, freezing_discard_parameters=True)
+    # Freezing folds the weights into constants (oneDNN prepacks them). On the CPU it also
+    # drops the originals, so the predictor holds one copy of its weights; on CUDA (torch 2.11
+    # seen on an H100) the erased originals fail Dynamo's guards on the next call, and the
+    # GPU has room for both copies.
+    discard = example.device.type == "cpu"
+    patch = inductor_config.patch(freezing=True, freezing_discard_parameters=discard)
     try:
         with patch, torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
