@@ -27,8 +27,12 @@ def main(batch: int = 256, variant: str = "fused-compiled") -> None:
                 run(example)
             torch.cuda.synchronize()
     print(f"{variant} batch {batch}: per batch of 5")
-    print(profile.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+    table = profile.key_averages().table(
+        sort_by="cuda_time_total", row_limit=18, max_name_column_width=70
+    )
+    print(table)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 256, sys.argv[2] if len(sys.argv) > 2 else "fused-compiled")
+    batch = int(sys.argv[1]) if len(sys.argv) > 1 else 256
+    main(batch, sys.argv[2] if len(sys.argv) > 2 else "fused-compiled")

@@ -13,6 +13,12 @@ the hardware:
   instead of a tanh per element. On CPU the tanh form otherwise costs about as much as the
   GEMM that feeds it. Eagerly, the table's index arithmetic takes several passes, so eager
   runs call F.gelu.
+- With `gelu_in_gemm` (CUDA, tanh GELU) the channel MLP's first GEMM applies its bias and
+  GELU in cuBLASLt's epilogue (`torch._addmm_activation`, tanh form on CUDA), so its output,
+  the widest activation, is written once instead of written, read and written again by a
+  separate GELU kernel; the second GEMM takes the residual as its accumulator. Measured on an
+  H100, B/16 bf16 compiled, batch 512: 14,879 img/s against 13,417 without (1.11x); the
+  separate GELU had been 14% of the GPU time. (On the CPU that op computes the erf form.)
 - The pooled features are averaged in fp32. `norm_in_fp32` also runs every LayerNorm in fp32
   (the ONNX export for TensorRT's strongly typed builds casts around each norm).
 """
@@ -42,6 +48,7 @@ class FusedMixer(nn.Module):
         dtype: torch.dtype,
         gelu_by_table: bool = False,
         norm_in_fp32: bool = False,
+        gelu_in_gemm: bool = False,
     ) -> None:
         super().__init__()
         config = model.config
@@ -52,6 +59,9 @@ class FusedMixer(nn.Module):
         self.gelu_by_table = gelu_by_table
         if gelu_by_table and dtype.itemsize != 2:
             raise ValueError(f"a GELU table needs a 16-bit dtype, not {dtype}")
+        if gelu_in_gemm and self.approximate != "tanh":
+            raise ValueError("the GEMM epilogue computes the tanh GELU; this model uses erf")
+        self.gelu_in_gemm = gelu_in_gemm
 
         self.norm_dtype = torch.float32 if norm_in_fp32 else dtype
 
@@ -111,6 +121,12 @@ class FusedMixer(nn.Module):
             y = torch.mm(b.token_fc2_weight, y) + b.token_fc2_bias
             x = x + y.view(tokens * batch, c)
             y = self.norm(x, b.channel_norm_weight, b.channel_norm_bias)
+            if self.gelu_in_gemm:
+                y = torch._addmm_activation(
+                    b.channel_fc1_bias, y, b.channel_fc1_weight.t(), use_gelu=True
+                )
+                x = torch.addmm(x, y, b.channel_fc2_weight.t()).add_(b.channel_fc2_bias)
+                continue
             y = self.gelu(F.linear(y, b.channel_fc1_weight, b.channel_fc1_bias))
             x = x + F.linear(y, b.channel_fc2_weight, b.channel_fc2_bias)
         x = F.layer_norm(x.to(self.norm_dtype), (c,), self.norm_weight, self.norm_bias, eps=1e-6)

@@ -73,6 +73,12 @@ def test_gelu_table_is_gelu_rounded_to_bf16_for_every_input(approximate):
     assert (by_table - computed).abs().max() < 0.02
 
 
+def test_gelu_in_gemm_is_refused_for_an_erf_model():
+    # cuBLASLt's epilogue computes the tanh form: an erf model would silently change.
+    with pytest.raises(ValueError, match="tanh GELU"):
+        FusedMixer(build_preset("tiny", gelu="erf"), torch.float32, gelu_in_gemm=True)
+
+
 # --- every backend and precision on the CPU ----------------------------------------------------
 
 CPU_CASES = [

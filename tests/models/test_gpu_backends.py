@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from models.backends import BackendError, create
 from models.backends.onnxruntime_backend import providers_available
+from models.backends.torch_fused import FusedMixer
 from models.mixer import build_preset
 
 requires_cuda = pytest.mark.skipif(
@@ -87,6 +88,30 @@ def test_torch_cuda_compiled(tiny, images):
     predictor = create(tiny, "torch", "bf16", "cuda", batch_size=16, compile=True)
     assert predictor.compiled
     check_close(predictor, tiny, images, 5e-2)
+
+
+@requires_cuda
+def test_gemm_epilogue_gelu_is_the_tanh_form_on_cuda():
+    """FusedMixer(gelu_in_gemm=True) relies on cuBLASLt's epilogue computing the tanh GELU."""
+    generator = torch.Generator().manual_seed(0)
+    a, w = torch.randn(256, 64, generator=generator), torch.randn(128, 64, generator=generator)
+    bias = torch.randn(128, generator=generator)
+    out = torch._addmm_activation(bias.cuda(), a.cuda(), w.cuda().t(), use_gelu=True).cpu()
+    linear = a.double() @ w.double().t() + bias.double()
+    tanh_error = (out - F.gelu(linear, approximate="tanh")).abs().max().item()
+    erf_error = (out - F.gelu(linear)).abs().max().item()
+    print(f"epilogue GELU: vs tanh {tanh_error:.1e}, vs erf {erf_error:.1e}")
+    assert tanh_error < erf_error and tanh_error < 2e-3  # tf32 may round the product
+
+
+@requires_cuda
+def test_fused_gelu_in_gemm_matches_the_separate_gelu(tiny, images):
+    plain = FusedMixer(tiny, torch.float32).cuda()
+    in_gemm = FusedMixer(tiny, torch.float32, gelu_in_gemm=True).cuda()
+    with torch.inference_mode():
+        expected, _ = plain(images.cuda())
+        logits, _ = in_gemm(images.cuda())
+    assert (logits - expected).abs().max().item() < 1e-3
 
 
 @requires_cuda
