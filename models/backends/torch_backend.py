@@ -28,11 +28,13 @@ import logging
 import os
 import shutil
 import warnings
+from pathlib import Path
 
 import torch
 
 from models.backends.auto import cpu_info
 from models.backends.base import BackendError, Predictor
+from models.backends.cache import CacheStore, default_cache_dir
 from models.backends.torch_fused import FusedMixer
 from models.mixer import MlpMixer
 
@@ -54,15 +56,23 @@ class TorchPredictor(Predictor):
         precision: str = "fp32",
         device: str = "cpu",
         batch_size: int | None = None,
-        compile: bool | None = None,
+        compile: bool | str | None = None,
         cuda_graphs: bool | None = None,
         threads: int | None = None,
         release_source: bool = False,
+        cache_dir: str | Path | None = None,
+        cache_store: CacheStore | None = None,
     ) -> None:
         """`release_source`: free `model`'s weights once converted (create() sets it when it
-        loaded the model itself), so they are not resident while compiling."""
+        loaded the model itself), so they are not resident while compiling.
+        `compile`: None (by model size), False, True or "aot" (on the CPU: a cached AOTInductor
+        package, see aot_package.py; elsewhere torch.compile), "jit" (torch.compile in this
+        process). `cache_dir` / `cache_store`: where AOT packages are kept."""
         super().__init__(model)
+        if compile not in (None, True, False, "aot", "jit"):
+            raise ValueError(f"compile must be True, False, 'aot' or 'jit', not {compile!r}")
         self._release_source = release_source
+        self._cache_dir, self._cache_store = cache_dir, cache_store
         self.device = device
         self.precision = precision
         on_gpu = device.startswith("cuda")
@@ -79,6 +89,11 @@ class TorchPredictor(Predictor):
             compile = gflop >= COMPILE_MIN_GFLOP and precision != "int8"
             compile = compile and (on_gpu or compiler_available())
         self.compiled = bool(compile)
+        # On the CPU compiling means an AOTInductor package: built once, loaded in a second.
+        self.aot = self.compiled and not on_gpu and precision != "int8" and compile != "jit"
+        if compile == "aot" and not self.aot:
+            raise BackendError("compile='aot' runs fp32 or bf16 on the CPU only")
+        self.aot_info: dict[str, object] | None = None  # the package's key and where it came from
         self.cuda_graphs = on_gpu and (cuda_graphs is None or cuda_graphs)
         self.preferred_batch_size = batch_size or (256 if on_gpu else 16)
         # One fixed shape when compiled or graphed: split larger batches, pad smaller ones.
@@ -90,6 +105,8 @@ class TorchPredictor(Predictor):
     def _build(self, model: MlpMixer, precision: str, device: str):
         if precision == "int8":
             return _quantized_int8(model)
+        if self.aot:
+            return self._load_aot(model, precision)
         dtype = DTYPES[precision]
         by_table = self.compiled and dtype == torch.bfloat16 and device == "cpu"
         in_gemm = device.startswith("cuda") and self.config.gelu == "tanh"
@@ -115,12 +132,30 @@ class TorchPredictor(Predictor):
             forward = CudaGraphed(forward, example)
         return forward
 
+    def _load_aot(self, model: MlpMixer, precision: str):
+        from models.backends.aot_package import load_or_build
+
+        folder = Path(self._cache_dir) if self._cache_dir else default_cache_dir()
+        size = self.preferred_batch_size
+        forward, self.aot_info = load_or_build(
+            model,
+            self.sha256,
+            precision,
+            size,
+            folder / "aoti",
+            self._cache_store,
+            self._release_source,
+            torch.get_num_threads(),
+        )
+        release_free_memory()
+        return forward
+
     def _run(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(batch)
         if self.fixed_batch and n < self.preferred_batch_size:
             pad = batch.new_zeros(self.preferred_batch_size - n, *batch.shape[1:])
             batch = torch.cat([batch, pad])
-        elif self.compiled and batch.is_inference():
+        elif self.compiled and not self.aot and batch.is_inference():
             # The compiled graph was built for ordinary tensors; an inference-mode tensor has
             # other dispatch keys and would force a recompile (impossible: weights are frozen).
             batch = batch.clone()

@@ -1,0 +1,311 @@
+"""Ahead-of-time compiled CPU predictors: an AOTInductor package built once, cached, loaded fast.
+
+`torch.compile` in every worker costs its start-up (about 14 s for B/16 on 2 cores) and its
+memory: Dynamo, Inductor and sympy stay imported, and tracing plus the C++ build leave about
+265 MB resident. Here the frozen `FusedMixer` is exported and compiled once by AOTInductor
+(`torch.export` + `aoti_compile_and_package`, freezing on: oneDNN-prepacked weights live in
+the package as constants), in a child process so none of the compiler's memory is ever the
+worker's. Workers load the package with torch's C++ loader (`torch._C._aoti`), which imports
+nothing of Inductor, and run it in-process.
+
+Packages are cached under a key made of everything that determines them: the weights'
+sha256, the model's geometry, precision, batch shape, the FusedMixer source, the torch
+version, the CPU's instruction sets (kernels and prepacked weight layouts are chosen for
+them) and the C library. The compiler is not in the key: a package loads without one, so a
+worker image without g++ can use a package built elsewhere. The cache is a local folder,
+optionally backed by any `CacheStore` (an S3 prefix: pipeline/engine_cache.py), so a cluster
+compiles each package once.
+
+Memory: the loader copies the constants out of the mapped shared library into its own
+buffer; the mapped pages are then dead weight counted in the resident set, so they are handed
+back to the kernel (madvise MADV_PAGEOUT, which never changes what a page reads).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+from models.backends.auto import cpu_info
+from models.backends.base import BackendError
+from models.backends.cache import CacheStore, LocalCacheStore
+from models.mixer import MixerConfig, MlpMixer
+
+log = logging.getLogger(__name__)
+FORMAT = 1  # bump when what a package holds, or how it is called, changes
+KEY_METADATA = "mixer_label_key"  # the cache key, stored in the package's own metadata
+ISA_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx512_vnni",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
+BUILD_TIMEOUT_S = 1800
+MADV_PAGEOUT = 21  # Linux >= 5.4; older kernels answer EINVAL, which is harmless
+
+
+def package_key(
+    config: MixerConfig, weights_sha256: str, precision: str, batch_size: int, gelu_by_table: bool
+) -> str:
+    """The cache key (a plain file name) of the package for exactly these inputs on this host."""
+    from models.backends import torch_fused
+
+    info = cpu_info()
+    determinants = {
+        "format": FORMAT,
+        "weights_sha256": weights_sha256,
+        "config": config.to_dict(),
+        "precision": precision,
+        "batch_size": batch_size,
+        "gelu_by_table": gelu_by_table,
+        "fused_source": hashlib.sha256(Path(torch_fused.__file__).read_bytes()).hexdigest(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "libc": "-".join(platform.libc_ver()),
+        "capability": info.capability,
+        "isa": sorted(f for f in ISA_FLAGS if f in info.flags),
+        "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")
+        or os.environ.get("DNNL_MAX_CPU_ISA"),
+    }
+    digest = hashlib.sha256(json.dumps(determinants, sort_keys=True).encode()).hexdigest()
+    return f"aoti-{precision}-b{batch_size}-{digest[:32]}.pt2"
+
+
+class AotModel:
+    """A loaded package: `model(batch)` returns (fp32 logits, fp32 features) of one batch shape."""
+
+    def __init__(self, path: str | Path, expected_key: str | None = None) -> None:
+        before = _mapped_files()
+        try:
+            self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        except Exception as err:  # a truncated zip, a .so that does not link: say which file
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BackendError(f"{path}: not a loadable AOTInductor package ({first})") from None
+        key = self.loader.get_metadata().get(KEY_METADATA)
+        if expected_key is not None and key != expected_key:
+            raise BackendError(f"{path}: package was built for key {key!r}, not {expected_key!r}")
+        _page_out(_mapped_files() - before)
+
+    def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, features = self.loader.run([batch.contiguous()])
+        return logits, features
+
+
+def load_or_build(
+    model: MlpMixer,
+    sha256: str,
+    precision: str,
+    batch_size: int,
+    cache_dir: Path,
+    cache_store: CacheStore | None = None,
+    release_source: bool = False,
+    threads: int | None = None,
+) -> tuple[AotModel, dict[str, object]]:
+    """The packaged `FusedMixer` of `model` for one batch shape, and how it was obtained.
+
+    Looks in `cache_dir`, then `cache_store`; a package that fails to load there is logged and
+    rebuilt. Building compiles in a child process and writes both caches. `release_source`
+    moves `model`'s weights to the meta device as soon as they are no longer needed (before
+    loading a cached package: they are never converted at all then).
+    """
+    from models.backends.torch_backend import DTYPES
+
+    if precision not in ("fp32", "bf16"):
+        raise BackendError(f"AOT packages run fp32 or bf16, not {precision!r}")
+    gelu_by_table = precision == "bf16"
+    key = package_key(model.config, sha256, precision, batch_size, gelu_by_table)
+    local = LocalCacheStore(cache_dir)
+    path = local.path(key)
+    start = time.perf_counter()
+    for source in ("local", "store"):
+        if source == "store":
+            data = cache_store.get(key) if cache_store is not None else None
+            if data is None:
+                continue
+            local.put(key, data)
+            del data
+        elif not path.exists():
+            continue
+        problem = check_package(path, key)
+        if problem:
+            log.warning("cached AOT package %s is unusable (%s); rebuilding", path, problem)
+            path.unlink(missing_ok=True)
+            continue
+        if release_source:  # a checked package needs no weights: free them before loading
+            model.to("meta")
+        try:
+            loaded = AotModel(path, key)
+        except BackendError as err:
+            path.unlink(missing_ok=True)
+            if release_source:  # nothing left to rebuild from here; a new predictor will
+                raise BackendError(f"{err}; removed it, create the predictor again") from None
+            log.warning("%s; rebuilding", err)
+            continue
+        info = {"key": key, "source": source, "seconds": time.perf_counter() - start}
+        log.info("AOT package from the %s cache: %s", source, key)
+        return loaded, info
+
+    from models.backends.torch_fused import FusedMixer
+
+    module = FusedMixer(model, DTYPES[precision], gelu_by_table=gelu_by_table).eval()
+    if release_source:
+        model.to("meta")
+    build_in_child(module, model.config, batch_size, path, key, threads)
+    del module
+    loaded = AotModel(path, key)
+    if cache_store is not None:
+        cache_store.put(key, path.read_bytes())
+    info = {"key": key, "source": "built", "seconds": time.perf_counter() - start}
+    log.info("AOT package built in %.0f s: %s", info["seconds"], key)
+    return loaded, info
+
+
+def check_package(path: Path, key: str) -> str | None:
+    """What is wrong with the package file at `path` for `key` (CRCs, metadata), or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+            if bad:
+                return f"member {bad} fails its CRC"
+            names = [n for n in archive.namelist() if n.endswith("wrapper_metadata.json")]
+            if len(names) != 1:
+                return "no AOTInductor model in the archive"
+            metadata = json.loads(archive.read(names[0]))
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        return str(err) or type(err).__name__
+    if metadata.get(KEY_METADATA) != key:
+        return f"built for key {metadata.get(KEY_METADATA)!r}"
+    return None
+
+
+def build_in_child(
+    module: torch.nn.Module,
+    config: MixerConfig,
+    batch_size: int,
+    path: Path,
+    key: str,
+    threads: int | None = None,
+) -> None:
+    """Compile `module` into the package `path` in a fresh Python process (its memory, not ours).
+
+    The module travels as a safetensors file of its state plus the config to rebuild it.
+    """
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp:
+        weights = Path(tmp) / "module.safetensors"
+        state = {k: v.contiguous() for k, v in module.state_dict().items()}
+        save_file(state, str(weights))
+        del state
+        request = {
+            "config": config.to_dict(),
+            "dtype": str(module.dtype).removeprefix("torch."),
+            "gelu_by_table": module.gelu_by_table,
+            "batch_size": batch_size,
+            "weights": str(weights),
+            "package": str(Path(tmp) / "model.pt2"),
+            "key": key,
+            "threads": threads or torch.get_num_threads(),
+        }
+        root = str(Path(__file__).resolve().parents[2])  # the folder holding `models`
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+        }
+        args = [sys.executable, "-m", "models.backends.aot_package", json.dumps(request)]
+        try:
+            done = subprocess.run(
+                args, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired:
+            raise BackendError(f"AOT compile of {key} took over {BUILD_TIMEOUT_S} s") from None
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+            raise BackendError(f"AOT compile of {key} failed: {lines[-1]}")
+        Path(request["package"]).replace(path)
+
+
+def compile_package(
+    module: torch.nn.Module, image_size: int, batch_size: int, package: str | Path, key: str
+) -> None:
+    """Export `module` at one batch shape and compile it with AOTInductor (freezing on)."""
+    import warnings
+
+    size = image_size
+    example = torch.zeros(batch_size, 3, size, size)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = torch.export.export(module, (example,))
+        torch._inductor.aoti_compile_and_package(
+            exported,
+            package_path=str(package),
+            inductor_configs={
+                "freezing": True,  # weights become constants, oneDNN prepacks them
+                "aot_inductor.metadata": {KEY_METADATA: key},
+            },
+        )
+
+
+def _child_main(request: dict) -> None:
+    """Rebuild the FusedMixer from its state and config, compile it, check it runs."""
+    from safetensors.torch import load_file
+
+    from models.backends.torch_fused import FusedMixer
+
+    torch.set_num_threads(int(request["threads"]))
+    config = MixerConfig.from_dict(request["config"])
+    dtype = getattr(torch, request["dtype"])
+    with torch.device("meta"):
+        source = MlpMixer(config)
+    module = FusedMixer(source, dtype, gelu_by_table=request["gelu_by_table"])
+    module.load_state_dict(load_file(request["weights"]), assign=True)
+    batch_size, package = int(request["batch_size"]), request["package"]
+    compile_package(module.eval(), config.image_size, batch_size, package, request["key"])
+
+
+def _mapped_files() -> set[str]:
+    """Paths of the files mapped into this process (Linux; empty elsewhere)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return set()
+    return {p[5] for p in map(str.split, lines) if len(p) >= 6 and p[5].startswith("/")}
+
+
+def _page_out(paths: set[str]) -> None:
+    """Hand the resident pages of these mapped files back to the kernel (content unchanged)."""
+    if not paths:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and parts[5] in paths:
+            start, end = (int(v, 16) for v in parts[0].split("-"))
+            madvise(start, end - start, MADV_PAGEOUT)
+
+
+if __name__ == "__main__":
+    _child_main(json.loads(sys.argv[1]))
