@@ -86,7 +86,7 @@ class TorchPredictor(Predictor):
             configure_threads(threads)
         gflop = 2 * model.config.macs_per_image() / 1e9
         if compile is None:
-            compile = gflop >= COMPILE_MIN_GFLOP and precision != "int8"
+            compile = gflop >= COMPILE_MIN_GFLOP and (precision != "int8" or static_int8_usable())
             compile = compile and (on_gpu or compiler_available())
         self.compiled = bool(compile)
         # On the CPU compiling means an AOTInductor package: built once, loaded in a second.
@@ -104,7 +104,7 @@ class TorchPredictor(Predictor):
 
     def _build(self, model: MlpMixer, precision: str, device: str):
         if precision == "int8":
-            return _quantized_int8(model)
+            return self._build_int8(model)
         if self.aot:
             return self._load_aot(model, precision)
         dtype = DTYPES[precision]
@@ -131,6 +131,35 @@ class TorchPredictor(Predictor):
         if self.cuda_graphs:
             forward = CudaGraphed(forward, example)
         return forward
+
+    def _build_int8(self, model: MlpMixer):
+        """Static int8 compiled (torch_int8.py) when compiling, else dynamic quantization."""
+        forward = None
+        if self.compiled:
+            if static_int8_usable():
+                from models.backends.torch_int8 import static_int8
+
+                bf16 = cpu_info().native_bf16
+                batch = self.preferred_batch_size
+                forward = static_int8(model, batch, bf16, self._release_source)
+                if forward is None and self._release_source:
+                    raise BackendError("static int8 failed (see the log); pass compile=False")
+            else:
+                log.info("int8: no static int8 here (needs torchao and VNNI/AMX); dynamic")
+            if forward is None:
+                self.compiled = self.fixed_batch = False
+                self.max_batch_size = None
+        if forward is None:
+            forward = _quantized_int8(model)
+        self.int8_engine = forward.int8_engine
+        return forward
+
+    def describe(self) -> dict[str, object]:
+        """The base description, plus which int8 engine runs (static or dynamic)."""
+        described = super().describe()
+        if self.precision == "int8":
+            described["int8_engine"] = self.int8_engine
+        return described
 
     def _load_aot(self, model: MlpMixer, precision: str):
         from models.backends.aot_package import load_or_build
@@ -258,8 +287,15 @@ def _quantized_int8(model: MlpMixer):
         features = quantized.forward_features(batch)
         return quantized.head(features), features
 
-    forward.engine = torch.backends.quantized.engine
+    forward.int8_engine = f"dynamic-{torch.backends.quantized.engine}"
     return forward
+
+
+def static_int8_usable() -> bool:
+    """Static int8 (torch_int8.py) runs here: torchao imports and oneDNN has VNNI or AMX."""
+    from models.backends.torch_int8 import static_int8_available
+
+    return int8_engine() == "onednn" and static_int8_available()
 
 
 class CudaGraphed:
