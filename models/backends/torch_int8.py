@@ -117,7 +117,9 @@ def quantize_static(
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wrapped = _LogitsAndFeatures(erf_gelu(model.float().eval()))
-        graph = torch.export.export(wrapped, (example,), strict=True).module()
+        # Not strict: strict export resets Dynamo, and compiled predictors whose frozen
+        # weights were discarded in this process could not recompile.
+        graph = torch.export.export(wrapped, (example,), strict=False).module()
         prepared = prepare_pt2e(graph, quantizer)
         for start in range(0, len(calibration), batch_size):
             part = calibration[start : start + batch_size]
