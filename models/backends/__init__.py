@@ -90,7 +90,7 @@ def create(
         raise ValueError(
             f"precision must be 'auto' or one of {', '.join(PRECISIONS)}, not {precision!r}"
         )
-    choice = choose(backend, precision, device)
+    choice = choose(backend, precision, device, gflop=2 * model.config.macs_per_image() / 1e9)
     log.info(
         "predictor %s: %s %s on %s (%s)",
         model.name,

@@ -10,16 +10,25 @@ GPU (CUDA visible, device "auto" or "cuda"):
 
 CPU:
   backend   torch (oneDNN; onnxruntime's CPU provider is slower here and has no bf16 GEMM)
-  precision bf16 where the CPU has a bf16 dot-product instruction: AMX (amx_bf16, Sapphire
+  precision int8 where the CPU has AMX int8 (amx_int8, Sapphire Rapids and later) and static
+            int8 runs here (torchao's PT2E quantizer imports, see torch_int8.py). Measured
+            on a 2-core AMX Xeon, B/16, one process: 1.5x the compiled bf16 predictor (its
+            int8 GEMM is 2x bf16's), top-1 >= 99.7% on real images (demo model), logits
+            cosine 0.9999 on B/16. Only for models big enough to compile (>= 1 GFLOP per
+            image, torch_backend.COMPILE_MIN_GFLOP): smaller ones would run int8 dynamically
+            quantized and eagerly, measured 0.7x bf16 eager on the demo model.
+            bf16 where the CPU has a bf16 dot-product instruction: AMX (amx_bf16, Sapphire
             Rapids and later) or AVX512-BF16 (Cooper Lake, Zen 4). Measured on a 2-core AMX
-            Xeon: bf16 GEMM 6x fp32.
+            Xeon: bf16 GEMM 6x fp32. (VNNI-only int8 versus AVX512-BF16, as on Zen 4, is
+            not measured, so those keep bf16.)
             int8 (dynamically quantized linears) where there is no native bf16 but AVX2 or
             VNNI integer dot products: bf16 would be emulated (6x *slower* than fp32 on an
             AVX2-only EPYC) while int8 runs 1.6x faster than fp32.
             fp32 otherwise (no AVX2: old or non-x86 CPUs without these flags).
   The flags come from /proc/cpuinfo; the software must be able to use them too: int8 needs a
   torch that dispatches to AVX2 or better (torch.backends.cpu.get_cpu_capability()), bf16 a
-  oneDNN not capped below its bf16 instructions by ONEDNN_MAX_CPU_ISA.
+  oneDNN not capped below its bf16 instructions by ONEDNN_MAX_CPU_ISA, AMX int8 one not
+  capped below AMX.
   fp16 is never chosen on CPU: x86 CPUs before AVX512-FP16 only convert it.
 
 Every chosen reduced precision must keep top-1 agreement >= 99% with fp32; `mixer-label bench`
@@ -60,6 +69,14 @@ class CpuInfo:
         cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
         cap = cap.strip().upper()
         return not cap or cap == "ALL" or "BF16" in cap or "AMX" in cap or "AVX10" in cap
+
+    @property
+    def amx_int8(self) -> bool:
+        """AMX int8 tiles that oneDNN is allowed to use (static int8's fast path)."""
+        cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+        cap = cap.strip().upper()
+        allowed = not cap or cap == "ALL" or "AMX" in cap or "AVX10" in cap
+        return "amx_int8" in self.flags and allowed and self.capability.upper().startswith("AVX512")
 
     @property
     def amx(self) -> bool:
@@ -172,8 +189,10 @@ def gpu_precision(gpu: GpuInfo) -> tuple[str, str]:
     return "fp32", f"{gpu.name}: {cc} has no tensor cores"
 
 
-def cpu_precision(cpu: CpuInfo) -> tuple[str, str]:
-    """The precision the rule picks for `cpu`, and why."""
+def cpu_precision(cpu: CpuInfo, static_int8: bool = False) -> tuple[str, str]:
+    """The precision the rule picks for `cpu`, and why; `static_int8`: torchao's PT2E imports."""
+    if cpu.amx_int8 and static_int8:
+        return "int8", f"{cpu.model_name}: AMX int8 with static quantization (1.5x bf16)"
     if cpu.native_bf16:
         have = [f for f in BF16_CPU_FLAGS if f in cpu.flags]
         return "bf16", f"{cpu.model_name}: native bf16 dot products ({', '.join(have)})"
@@ -193,11 +212,16 @@ def choose(
     available: tuple[str, ...] | None = None,
     cpu: CpuInfo | None = None,
     gpu: GpuInfo | None = None,
+    static_int8: bool | None = None,
+    gflop: float | None = None,
 ) -> Choice:
     """Resolve 'auto' in backend, precision and device by the rule in this module's docstring.
 
     `available` lists the backends that import here (default: probe); `cpu` and `gpu` default
-    to this machine's, and tests pass others to check the rule for hardware not present.
+    to this machine's, and tests pass others to check the rule for hardware not present;
+    `static_int8` (default: probe) says whether static int8 runs here (torchao's quantizer
+    and a C++ compiler); `gflop` per image of the model, where known (small models are not
+    compiled, so they get no static int8).
     """
     from models.backends import available_backends
 
@@ -218,7 +242,16 @@ def choose(
             backend = "torch"
             reasons.append("torch: oneDNN on CPU" if not on_gpu else "torch: no TensorRT here")
     if precision == "auto":
-        precision, why = gpu_precision(gpu) if on_gpu else cpu_precision(cpu or cpu_info())
+        if on_gpu:
+            precision, why = gpu_precision(gpu)
+        else:
+            if static_int8 is None and backend == "torch":
+                from models.backends.torch_backend import COMPILE_MIN_GFLOP, compiler_available
+                from models.backends.torch_int8 import static_int8_available
+
+                big = gflop is None or gflop >= COMPILE_MIN_GFLOP
+                static_int8 = big and compiler_available() and static_int8_available()
+            precision, why = cpu_precision(cpu or cpu_info(), bool(static_int8))
         if backend == "onnxruntime" and precision in ("bf16", "int8"):
             # onnxruntime has no bf16 GEMM on CPU and its CUDA provider runs fp16 best
             precision, why = ("fp16", why + "; onnxruntime: fp16") if on_gpu else ("fp32", why)
