@@ -136,6 +136,8 @@ def extract_library(package: Path) -> Path:
             archive.open(member) as source,
         ):
             shutil.copyfileobj(source, f, 1 << 20)
+            f.flush()
+            os.fsync(f.fileno())  # clean pages: MADV_PAGEOUT cannot drop dirty ones (AotModel)
     Path(f.name).replace(target)
     return target
 
