@@ -12,6 +12,10 @@ CPU:
   run the same module eagerly.
   A compiled predictor runs one batch shape: larger batches are split, a short last batch
   is padded, so nothing recompiles mid-shard.
+  The compile is ahead of time (aot_package.py): an AOTInductor package built once in a
+  child process, cached by weights, geometry, batch and host (locally, optionally on S3),
+  loaded in about a second without importing the compiler. Same speed as torch.compile in
+  this process (compile="jit"), 262 MB peak instead of 610 for B/16 (fresh process).
 - int8 quantizes every Linear dynamically (int8 weights, activations quantized per batch) on
   the oneDNN engine where the CPU has AMX/VNNI, fbgemm's x86 engine elsewhere.
 CUDA: the same module at fp32/bf16/fp16 with the channel MLP's GELU in cuBLASLt's GEMM
