@@ -1,5 +1,7 @@
 import io
 import pickle
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -191,3 +193,34 @@ def test_same_weights_give_the_same_file_and_sha256(tmp_path):
     assert first == second
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     assert load_checkpoint(tmp_path / "b.safetensors").sha256 == first
+
+
+def test_loading_holds_one_copy_of_the_weights(tmp_path):
+    # A worker loads the checkpoint before building its predictor: the load's peak is part of
+    # the predictor's memory budget (1.5x the weights). Measured in a fresh process.
+    path = tmp_path / "s32.safetensors"
+    model = build_preset("S/32")
+    weights_mb = 4 * model.num_parameters() / 2**20
+    save_checkpoint(model, path)
+    probe = (
+        "import sys, torch\n"
+        "from models.measure import current_rss_bytes, peak_rss_bytes\n"
+        "from models.checkpoints import load_checkpoint\n"
+        "torch.zeros(1)\n"
+        "base = current_rss_bytes()\n"
+        "model = load_checkpoint(sys.argv[1])\n"
+        "assert all(p.device.type == 'cpu' for p in model.parameters())\n"
+        "print((peak_rss_bytes() - base) / 2**20)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(path)], capture_output=True, text=True, cwd=root
+    )
+    assert done.returncode == 0, done.stderr
+    peak_mb = float(done.stdout.split()[-1])
+    print(f"load peak {peak_mb:.0f} MB for {weights_mb:.0f} MB of weights")
+    assert peak_mb < 1.25 * weights_mb
+    loaded = load_checkpoint(path)
+    images = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(loaded(images), model(images))
