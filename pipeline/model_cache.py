@@ -13,9 +13,10 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """`$MIXER_LABEL_CACHE/models`, else `~/.cache/mixer-label/models`."""
-    root = os.environ.get("MIXER_LABEL_CACHE") or Path.home() / ".cache" / "mixer-label"
-    return Path(root) / "models"
+    """`models/` in the cache folder (`$MIXER_LABEL_CACHE`, else ~/.cache/mixer-label)."""
+    from models.backends.cache import default_cache_dir
+
+    return default_cache_dir() / "models"
 
 
 def local_model(spec: str, storage_options=None) -> str:

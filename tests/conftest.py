@@ -15,6 +15,20 @@ from dataclasses import dataclass
 import pytest
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Compiled packages, ONNX exports and engines go to a cache folder: the tests share one of
+    # their own, never the user's ~/.cache (set before any Ray worker inherits the environment).
+    import tempfile
+
+    os.environ["MIXER_LABEL_CACHE"] = tempfile.mkdtemp(prefix="mixer-label-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import shutil
+
+    shutil.rmtree(os.environ.pop("MIXER_LABEL_CACHE", ""), ignore_errors=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
