@@ -144,7 +144,44 @@ def quantize_static(
             if len(part) < batch_size:  # the exported graph has one batch size
                 part = torch.cat([part, part.new_zeros(batch_size - len(part), *part.shape[1:])])
             prepared(part)
-        return convert_pt2e(prepared)
+        converted = drop_unused_parameters(convert_pt2e(prepared))
+    del prepared, graph
+    forget_quantized_modules()
+    return converted
+
+
+def forget_quantized_modules() -> None:
+    """Clear the unbounded caches keyed by module in which PT2E keeps every module it saw.
+
+    `assert_and_get_unique_device` (torchao and torch.ao copies) is an lru_cache without a
+    size limit: it would hold the exported and the prepared graphs, and with them the fp32
+    weights, for the life of the process.
+    """
+    import importlib
+
+    for name in ("torchao.utils", "torch.ao.quantization.fx.utils"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        for function in ("_assert_and_get_unique_device", "assert_and_get_unique_device"):
+            cached = getattr(module, function, None)
+            if hasattr(cached, "cache_clear"):
+                cached.cache_clear()
+
+
+def drop_unused_parameters(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """`graph` without the parameters no node reads (changed in place).
+
+    convert_pt2e leaves every fp32 weight attached beside its int8 copy; dropping them lets
+    the fp32 weights go (1x the model's size) once the source model is released.
+    """
+    read = {node.target for node in graph.graph.nodes if node.op == "get_attr"}
+    for name, _ in list(graph.named_parameters()):
+        if name not in read:
+            owner, _, attribute = name.rpartition(".")
+            del graph.get_submodule(owner)._parameters[attribute]
+    return graph
 
 
 def static_int8(
