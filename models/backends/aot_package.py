@@ -25,6 +25,7 @@ the buffer's pages go back too: the worker holds its weights once.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -159,8 +160,6 @@ def load_or_build(
     moves `model`'s weights to the meta device as soon as they are no longer needed (before
     loading a cached package: they are never converted at all then).
     """
-    from models.backends.torch_backend import DTYPES
-
     if precision not in ("fp32", "bf16"):
         raise BackendError(f"AOT packages run fp32 or bf16, not {precision!r}")
     gelu_by_table = precision == "bf16"
@@ -168,6 +167,22 @@ def load_or_build(
     local = LocalCacheStore(cache_dir)
     path = local.path(key)
     start = time.perf_counter()
+    found = _from_caches(key, path, local, cache_store, model, release_source, start)
+    if found is not None:
+        return found
+    # Actors starting together on one node build once: the others wait, then load it.
+    with _build_lock(path):
+        found = _from_caches(key, path, local, None, model, release_source, start)
+        if found is not None:
+            return found
+        return _build(
+            model, key, precision, batch_size, path, cache_store, release_source, threads, start
+        )
+
+
+def _from_caches(key, path, local, cache_store, model, release_source, start):
+    """(loaded package, info) from the local folder, then `cache_store`; None if neither has
+    a usable one (an unusable one is deleted)."""
     for source in ("local", "store"):
         if source == "store":
             data = cache_store.get(key) if cache_store is not None else None
@@ -195,10 +210,29 @@ def load_or_build(
         info = {"key": key, "source": source, "seconds": time.perf_counter() - start}
         log.info("AOT package from the %s cache: %s", source, key)
         return loaded, info
+    return None
 
+
+@contextlib.contextmanager
+def _build_lock(path: Path):
+    """An exclusive lock on `path`'s build, shared by every process on this machine."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build(model, key, precision, batch_size, path, cache_store, release_source, threads, start):
+    """Compile the package for `key` into `path` (and `cache_store`), then load it."""
+    from models.backends.torch_backend import DTYPES
     from models.backends.torch_fused import FusedMixer
 
-    module = FusedMixer(model, DTYPES[precision], gelu_by_table=gelu_by_table).eval()
+    module = FusedMixer(model, DTYPES[precision], gelu_by_table=precision == "bf16").eval()
     if release_source:
         model.to("meta")
     build_in_child(module, model.config, batch_size, path, key, threads)

@@ -174,6 +174,23 @@ def test_loading_a_cached_package_imports_no_compiler(built):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_actors_starting_together_build_the_package_once(tmp_path):
+    """Two processes on one node, one empty cache: one compiles, the other waits and loads."""
+    script = (
+        "import torch\n"
+        "from models.backends import create\n"
+        f"p = create('tiny', 'torch', 'bf16', 'cpu', batch_size={BATCH}, compile='aot',"
+        f" cache_dir={str(tmp_path)!r})\n"
+        "p.predict(torch.zeros(2, 3, 32, 32))\n"
+        "print(p.aot_info['source'])\n"
+    )
+    args = [sys.executable, "-c", script]
+    starts = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in "ab"]
+    sources = sorted(p.communicate(timeout=600)[0].split()[-1] for p in starts)
+    assert [p.returncode for p in starts] == [0, 0]
+    assert sources == ["built", "local"]
+
+
 def test_aot_rejects_what_it_cannot_run(tiny):
     with pytest.raises(BackendError, match="fp32 or bf16 on the CPU only"):
         create(tiny, "torch", "int8", "cpu", compile="aot")
