@@ -46,7 +46,7 @@ class BenchOptions:
     timm: bool = True
     memory: bool = True
     cache_dir: str | None = None
-    compile: bool | None = None  # torch: None = its own rule (compile models >= 1 GFLOP)
+    compile: bool | str | None = None  # torch: None = its rule; True, False, "aot", "jit"
     command: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -345,7 +345,8 @@ def format_markdown(report: dict) -> str:
             f"(load weights, create, one batch of {memory['batch_size']}): "
             f"{memory['peak_mb']:.0f} MB above the interpreter's {memory['baseline_mb']:.0f} MB; "
             f"{memory['after_mb']:.0f} MB held after; weights {memory['weights_mb']:.0f} MB fp32; "
-            f"budget 1.5 x weights + one batch's activations = {budget:.0f} MB.",
+            f"budget 1.5 x weights + one batch's activations = {budget:.0f} MB"
+            + (f"; compiled package: {memory['package']}." if memory.get("package") else "."),
         ]
     if report.get("notes"):
         lines += ["", *[f"- {note}" for note in report["notes"]]]
@@ -378,9 +379,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="ONNX / TensorRT cache folder")
     parser.add_argument(
         "--compile",
-        choices=("auto", "on", "off"),
+        choices=("auto", "on", "off", "aot", "jit"),
         default="auto",
-        help="torch.compile for the torch backend (auto: models of >= 1 GFLOP/image)",
+        help="compiling for the torch backend: auto (models of >= 1 GFLOP/image), on (CPU:"
+        " a cached AOTInductor package; GPU: torch.compile), aot, jit (torch.compile in"
+        " process), off",
     )
     parser.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
     parser.add_argument("--no-gemm", action="store_true", help="skip the GEMM peak")
@@ -414,7 +417,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         timm=not args.no_timm,
         memory=not args.no_memory,
         cache_dir=args.cache_dir,
-        compile={"auto": None, "on": True, "off": False}[args.compile],
+        compile={"auto": None, "on": True, "off": False}.get(args.compile, args.compile),
         command="mixer-label bench " + " ".join(sys.argv[2:])
         if len(sys.argv) > 1 and sys.argv[1] == "bench"
         else "mixer-label bench",

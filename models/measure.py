@@ -275,6 +275,8 @@ def memory_probe(model_spec: str, backend: str, precision: str, batch_size: int,
         "peak_mb": (peak_rss_bytes() - baseline) / 2**20,
         "after_mb": (current_rss_bytes() - baseline) / 2**20,
         "baseline_mb": baseline / 2**20,
+        # AOT packages: "built" (compiled in a child process), "local" or "store" (cached)
+        "package": (getattr(predictor, "aot_info", None) or {}).get("source"),
     }
 
 
