@@ -274,6 +274,8 @@ def label_images(
         date=partition,
         force=force,
         s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or None,
+        # a deployment-level setting (job variables), like the endpoint: not a per-run choice
+        compile_cache=os.environ.get("MIXER_LABEL_COMPILE_CACHE") or None,
     )
     plan = shard_plan(config)
     summary = run_summary(plan, config).to_dict()

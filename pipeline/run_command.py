@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -32,6 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embeddings", action="store_true", help="write pre-head features")
     parser.add_argument("--max-attempts", type=int, default=3, help="tries per shard")
     parser.add_argument("--decode-threads", type=int, help="decode threads per actor")
+    parser.add_argument(
+        "--compile-cache",
+        default=os.environ.get("MIXER_LABEL_COMPILE_CACHE") or None,
+        metavar="URI",
+        help="s3:// prefix or shared folder where the cluster keeps compiled models (CPU AOT"
+        " packages, TensorRT engines), built once for all nodes (default:"
+        " $MIXER_LABEL_COMPILE_CACHE, else each node's local cache)",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -59,6 +68,7 @@ def config_from_args(args: argparse.Namespace):
             embeddings=args.embeddings,
             max_attempts=args.max_attempts,
             decode_threads=args.decode_threads,
+            compile_cache=args.compile_cache,
         )
     except ValueError as err:
         raise UserFacingError(str(err)) from None

@@ -38,6 +38,9 @@ class RunConfig:
     # reported in failed_shards; the other shards finish either way.
     max_attempts: int = 3
     decode_threads: int | None = None  # per actor; None: from the actor's CPUs
+    # s3:// prefix or folder every node can reach: compiled models (CPU AOT packages,
+    # TensorRT engines) are built once for the cluster there; None: per node, locally.
+    compile_cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

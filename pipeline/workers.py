@@ -35,8 +35,18 @@ class WorkerSpec:
     storage_options: object | None = None  # pipeline.storage.StorageOptions
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
     decode_threads: int | None = None  # None: the pool picks from the actor's CPUs
+    compile_cache: str | None = None  # shared prefix for compiled models (RunConfig)
     run_id: str = ""
     code_version: str = ""
+
+
+def compile_cache_store(spec: WorkerSpec):
+    """The cluster-wide store for compiled models named by `spec.compile_cache`, or None."""
+    if not spec.compile_cache:
+        return None
+    from pipeline.engine_cache import StorageCacheStore
+
+    return StorageCacheStore(spec.compile_cache, spec.storage_options)
 
 
 class ShardLabeler:
@@ -61,6 +71,7 @@ class ShardLabeler:
             spec.device,
             batch_size=spec.batch_size,
             threads=spec.threads,
+            cache_store=compile_cache_store(spec),
         )
         self._storages: dict[str, object] = {}
         # A GPU actor labels two shards at once (see pipeline.pool); the model runs one batch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import queue
 from dataclasses import dataclass
 
@@ -209,3 +210,23 @@ def test_shard_labeler_labels_two_shards_at_once_without_ray(tmp_path) -> None:
         rows += file.read().to_pylist()
     assert sorted(r["key"] for r in rows) == sorted(keys)
     assert all(r["true_label"] == int(r["key"][-6:]) % 10 for r in rows)
+
+
+def test_compile_cache_is_the_runs_shared_store(s3_server, s3_bucket) -> None:
+    """--compile-cache reaches each actor as the store its predictor caches compiled models in."""
+    from pipeline.run_command import add_arguments, config_from_args
+    from pipeline.storage import StorageOptions
+    from pipeline.workers import WorkerSpec, compile_cache_store
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    prefix = f"s3://{s3_bucket}/compiled/"
+    args = parser.parse_args(["in", "out", "--model", "tiny", "--compile-cache", prefix])
+    assert config_from_args(args).compile_cache == prefix
+    assert compile_cache_store(WorkerSpec("tiny")) is None
+    options = StorageOptions(endpoint_url=s3_server.endpoint_url)
+    store = compile_cache_store(WorkerSpec("tiny", compile_cache=prefix, storage_options=options))
+    store.put("model.pt2", b"package bytes")
+    body = s3_server.client().get_object(Bucket=s3_bucket, Key="compiled/model.pt2")["Body"]
+    assert body.read() == b"package bytes"
+    assert compile_cache_store(WorkerSpec("tiny", compile_cache=prefix)).get("model.pt2")
