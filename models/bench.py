@@ -1,12 +1,14 @@
 """`mixer-label bench`: model-only speed of every backend and precision, against the hardware.
 
 One run measures, on the same inputs and the same threads:
-- the GEMM peak of this machine (fp32, bf16, int8 via a quantized Linear; on a GPU fp32,
-  bf16, fp16) on the model's own largest GEMM, the channel MLP's (batch * tokens) x C x D_C;
+- the GEMM peak of this machine (fp32, bf16, int8: the faster of oneDNN's static int8 GEMM
+  and a dynamically quantized Linear; on a GPU fp32, bf16, fp16) on the model's own largest
+  GEMM, the channel MLP's (batch * tokens) x C x D_C;
   the hardware limit in images/s is the best of those rates / FLOPs per image;
 - each predictor's throughput (images/s from the median batch latency) and latency, also as
   % of that limit, and the time to create it (export, compile, engine build);
-- timm's eager fp32 model of the same geometry (mixer_b16_224 for B/16) as the reference;
+- timm's eager fp32 model of the same geometry (mixer_b16_224 for B/16) as the reference
+  (on a GPU also its eager bf16 autocast, AMP);
 - top-1 agreement, max softmax probability difference and logits cosine of every predictor
   against the paper-exact fp32 model on a fixed set of inputs;
 - peak resident memory of a fresh process that loads the weights, creates the `auto`
