@@ -67,13 +67,23 @@ MADV_PAGEOUT = 21  # Linux >= 5.4; older kernels answer EINVAL, which is harmles
 
 
 def package_key(
-    config: MixerConfig, weights_sha256: str, precision: str, batch_size: int, gelu_by_table: bool
+    config: MixerConfig,
+    weights_sha256: str,
+    precision: str,
+    batch_size: int,
+    gelu_by_table: bool,
+    recipe: dict[str, object] | None = None,
 ) -> str:
-    """The cache key (a plain file name) of the package for exactly these inputs on this host."""
+    """The cache key (a plain file name) of the package for exactly these inputs on this host.
+
+    `recipe`: whatever else decides what is compiled (int8: the quantization recipe's version,
+    torchao's version, mixed bf16; torch_int8.package_recipe).
+    """
     from models.backends import torch_fused
 
     info = cpu_info()
     determinants = {
+        "recipe": recipe,
         "format": FORMAT,
         "weights_sha256": weights_sha256,
         "config": config.to_dict(),
@@ -152,18 +162,24 @@ def load_or_build(
     cache_store: CacheStore | None = None,
     release_source: bool = False,
     threads: int | None = None,
+    recipe: dict[str, object] | None = None,
 ) -> tuple[AotModel, dict[str, object]]:
-    """The packaged `FusedMixer` of `model` for one batch shape, and how it was obtained.
+    """The packaged model for one batch shape, and how it was obtained.
 
-    Looks in `cache_dir`, then `cache_store`; a package that fails to load there is logged and
-    rebuilt. Building compiles in a child process and writes both caches. `release_source`
-    moves `model`'s weights to the meta device as soon as they are no longer needed (before
-    loading a cached package: they are never converted at all then).
+    fp32 / bf16 package `FusedMixer`; int8 packages the static int8 graph of torch_int8.py
+    (quantized and calibrated in the child too: the worker never imports torchao), and
+    `recipe` is then torch_int8.package_recipe(). Looks in `cache_dir`, then `cache_store`; a
+    package that fails to load there is logged and rebuilt. Building compiles in a child
+    process and writes both caches. `release_source` moves `model`'s weights to the meta
+    device as soon as they are no longer needed (before loading a cached package: they are
+    never converted at all then).
     """
-    if precision not in ("fp32", "bf16"):
-        raise BackendError(f"AOT packages run fp32 or bf16, not {precision!r}")
+    if precision not in ("fp32", "bf16", "int8"):
+        raise BackendError(f"AOT packages run fp32, bf16 or int8, not {precision!r}")
+    if (precision == "int8") != (recipe is not None):
+        raise BackendError("an int8 AOT package needs its recipe, and only int8 has one")
     gelu_by_table = precision == "bf16"
-    key = package_key(model.config, sha256, precision, batch_size, gelu_by_table)
+    key = package_key(model.config, sha256, precision, batch_size, gelu_by_table, recipe)
     local = LocalCacheStore(cache_dir)
     path = local.path(key)
     start = time.perf_counter()
@@ -176,7 +192,16 @@ def load_or_build(
         if found is not None:
             return found
         return _build(
-            model, key, precision, batch_size, path, cache_store, release_source, threads, start
+            model,
+            key,
+            precision,
+            batch_size,
+            path,
+            cache_store,
+            release_source,
+            threads,
+            start,
+            recipe,
         )
 
 
@@ -227,16 +252,24 @@ def _build_lock(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _build(model, key, precision, batch_size, path, cache_store, release_source, threads, start):
+def _build(
+    model, key, precision, batch_size, path, cache_store, release_source, threads, start, recipe
+):
     """Compile the package for `key` into `path` (and `cache_store`), then load it."""
     from models.backends.torch_backend import DTYPES
     from models.backends.torch_fused import FusedMixer
 
-    module = FusedMixer(model, DTYPES[precision], gelu_by_table=precision == "bf16").eval()
-    if release_source:
-        model.to("meta")
-    build_in_child(module, model.config, batch_size, path, key, threads)
-    del module
+    if precision == "int8":  # the child quantizes the fp32 model itself
+        # Released only once built: a failed build leaves the caller its weights to fall back on.
+        build_in_child(model, model.config, batch_size, path, key, threads, recipe)
+        if release_source:
+            model.to("meta")
+    else:
+        module = FusedMixer(model, DTYPES[precision], gelu_by_table=precision == "bf16").eval()
+        if release_source:
+            model.to("meta")
+        build_in_child(module, model.config, batch_size, path, key, threads)
+        del module
     loaded = AotModel(extract_library(path))
     if cache_store is not None:
         cache_store.put(key, path.read_bytes())
@@ -270,10 +303,12 @@ def build_in_child(
     path: Path,
     key: str,
     threads: int | None = None,
+    recipe: dict[str, object] | None = None,
 ) -> None:
     """Compile `module` into the package `path` in a fresh Python process (its memory, not ours).
 
-    The module travels as a safetensors file of its state plus the config to rebuild it.
+    The module travels as a safetensors file of its state plus the config to rebuild it: a
+    `FusedMixer`, or with an int8 `recipe` the fp32 `MlpMixer` that the child quantizes.
     """
     from safetensors.torch import save_file
 
@@ -285,14 +320,16 @@ def build_in_child(
         del state
         request = {
             "config": config.to_dict(),
-            "dtype": str(module.dtype).removeprefix("torch."),
-            "gelu_by_table": module.gelu_by_table,
+            "recipe": recipe,
             "batch_size": batch_size,
             "weights": str(weights),
             "package": str(Path(tmp) / "model.pt2"),
             "key": key,
             "threads": threads or torch.get_num_threads(),
         }
+        if recipe is None:
+            request["dtype"] = str(module.dtype).removeprefix("torch.")
+            request["gelu_by_table"] = module.gelu_by_table
         root = str(Path(__file__).resolve().parents[2])  # the folder holding `models`
         env = {
             **os.environ,
@@ -319,7 +356,7 @@ def compile_package(
 
     size = image_size
     example = torch.zeros(batch_size, 3, size, size)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _unique_constant_fqns():
         warnings.simplefilter("ignore")
         exported = torch.export.export(module, (example,))
         torch._inductor.aoti_compile_and_package(
@@ -333,28 +370,73 @@ def compile_package(
 
 
 def _child_main(request: dict) -> None:
-    """Rebuild the FusedMixer from its state and config, compile it, check it runs."""
+    """Rebuild the module from its state and config (int8: quantize it), compile it."""
     from safetensors.torch import load_file
-
-    from models.backends.torch_fused import FusedMixer
 
     torch.set_num_threads(int(request["threads"]))
     config = MixerConfig.from_dict(request["config"])
-    dtype = getattr(torch, request["dtype"])
+    batch_size, package = int(request["batch_size"]), request["package"]
     with torch.device("meta"):
         source = MlpMixer(config)
-    module = FusedMixer(source, dtype, gelu_by_table=request["gelu_by_table"])
-    module.load_state_dict(load_file(request["weights"]), assign=True)
-    batch_size, package = int(request["batch_size"]), request["package"]
-    compile_package(module.eval(), config.image_size, batch_size, package, request["key"])
+    if request.get("recipe") is not None:
+        from models.backends.torch_int8 import package_module
+
+        source.load_state_dict(load_file(request["weights"]), assign=True)
+        module = package_module(source, batch_size, request["recipe"])  # no .eval(): PT2E
+    else:
+        from models.backends.torch_fused import FusedMixer
+
+        dtype = getattr(torch, request["dtype"])
+        module = FusedMixer(source, dtype, gelu_by_table=request["gelu_by_table"])
+        module.load_state_dict(load_file(request["weights"]), assign=True)
+        module.eval()
+    compile_package(module, config.image_size, batch_size, package, request["key"])
+
+
+@contextlib.contextmanager
+def _unique_constant_fqns():
+    """Give every constant Inductor adds its own original FQN while compiling a package.
+
+    The int8 lowering adds each activation scale and zero point as a constant named "x_scale"
+    / "x_zp"; Inductor numbers the names but records the bare name as each one's original
+    FQN, and the runner's extract_constants_map is keyed by FQN, so all but one would be
+    invisible to _realign_constants. Where Inductor's internals differ, nothing is patched:
+    _realign_constants then keeps the runner's buffer (correct, slower on AMX).
+    """
+    try:
+        from torch._inductor.graph import GraphLowering
+    except ImportError:
+        yield
+        return
+    original = getattr(GraphLowering, "allocate_non_dup_const_name", None)
+    if original is None:
+        yield
+        return
+
+    def allocate(self, name, data):
+        new_name = original(self, name, data)
+        named = getattr(self, "allocated_constant_name", None)
+        if isinstance(named, dict) and new_name != name and named.get(new_name) == name:
+            named[new_name] = new_name  # a numbered duplicate: its own name is its FQN
+        return new_name
+
+    GraphLowering.allocate_non_dup_const_name = allocate
+    try:
+        yield
+    finally:
+        GraphLowering.allocate_non_dup_const_name = original
 
 
 def _realign_constants(runner) -> dict[str, torch.Tensor]:
     """Copy the runner's constants into aligned tensors, use those, give the old pages back."""
-    names = {fqn: name for name, fqn in runner.get_constant_names_to_original_fqns().items()}
+    by_fqn: dict[str, list[str]] = {}
+    for name, fqn in runner.get_constant_names_to_original_fqns().items():
+        by_fqn.setdefault(fqn, []).append(name)
     old = runner.extract_constants_map(False)  # by original FQN; updates go by constant name
     spans = sorted(_span(t) for t in old.values())
-    aligned = {names[fqn]: t.clone() for fqn, t in old.items()}  # torch aligns to 64 bytes
+    # A FQN shared by several constants names only one of them here, which one unknown: copying
+    # it under any name could give that constant another's value, so those stay where they are.
+    aligned = {by_fqn[f][0]: t.clone() for f, t in old.items() if len(by_fqn.get(f, ())) == 1}
     del old
     runner.update_constant_buffer(aligned, False, False, True)  # active buffer, not copied
     now = {_span(t) for t in runner.extract_constants_map(False).values()}

@@ -16,8 +16,12 @@ CPU:
   child process, cached by weights, geometry, batch and host (locally, optionally on S3),
   loaded in about a second without importing the compiler. Same speed as torch.compile in
   this process (compile="jit"), 262 MB peak instead of 610 for B/16 (fresh process).
-- int8 quantizes every Linear dynamically (int8 weights, activations quantized per batch) on
-  the oneDNN engine where the CPU has AMX/VNNI, fbgemm's x86 engine elsewhere.
+- int8 compiled is static int8 (torch_int8.py) where torchao is installed and the CPU has
+  VNNI/AMX: an AOT package too (quantized, calibrated and compiled in the child process, so
+  the worker imports no torchao and never holds a quantized fp32 copy), or compiled in this
+  process with compile="jit". Otherwise int8 quantizes every Linear dynamically (int8
+  weights, activations quantized per batch) on the oneDNN engine where the CPU has
+  AMX/VNNI, fbgemm's x86 engine elsewhere.
 CUDA: the same module at fp32/bf16/fp16 with the channel MLP's GELU in cuBLASLt's GEMM
 epilogue (tanh-GELU models), compiled, replayed as a CUDA graph of one batch shape (static
 input buffer, padded last batch). Measured on an H100 (torch 2.11, B/16 bf16, batch 512):
@@ -94,9 +98,11 @@ class TorchPredictor(Predictor):
             compile = compile and (on_gpu or compiler_available())
         self.compiled = bool(compile)
         # On the CPU compiling means an AOTInductor package: built once, loaded in a second.
-        self.aot = self.compiled and not on_gpu and precision != "int8" and compile != "jit"
+        self.aot = self.compiled and not on_gpu and compile != "jit"
         if compile == "aot" and not self.aot:
-            raise BackendError("compile='aot' runs fp32 or bf16 on the CPU only")
+            raise BackendError("compile='aot' runs on the CPU only")
+        if compile == "aot" and precision == "int8" and not static_int8_usable():
+            raise BackendError("compile='aot' int8 needs static int8: torchao and a VNNI/AMX CPU")
         self.aot_info: dict[str, object] | None = None  # the package's key and where it came from
         self.cuda_graphs = on_gpu and (cuda_graphs is None or cuda_graphs)
         self.preferred_batch_size = batch_size or (256 if on_gpu else 16)
@@ -137,26 +143,46 @@ class TorchPredictor(Predictor):
         return forward
 
     def _build_int8(self, model: MlpMixer):
-        """Static int8 compiled (torch_int8.py) when compiling, else dynamic quantization."""
+        """Static int8 (torch_int8.py) when compiling: an AOT package (built in a child
+        process, so this one never imports torchao) or, with compile="jit", compiled here.
+        Else, or where that fails, dynamic quantization."""
         forward = None
         if self.compiled:
             if static_int8_usable():
-                from models.backends.torch_int8 import static_int8
+                from models.backends.torch_int8 import ENGINE, static_int8
 
                 bf16 = cpu_info().native_bf16
                 batch = self.preferred_batch_size
-                forward = static_int8(model, batch, bf16, self._release_source)
-                if forward is None and self._release_source:
+                if self.aot:
+                    forward = self._load_aot_int8(model, bf16)
+                    if forward is not None:
+                        forward.int8_engine = ENGINE
+                else:
+                    forward = static_int8(model, batch, bf16, self._release_source)
+                # The jit path quantizes an owned model in place; a package is built from
+                # weights that stay until it loads: no fallback once they are gone.
+                gone = self._release_source and not self.aot
+                if forward is None and (gone or model.stem.weight.is_meta):
                     raise BackendError("static int8 failed (see the log); pass compile=False")
             else:
                 log.info("int8: no static int8 here (needs torchao and VNNI/AMX); dynamic")
             if forward is None:
-                self.compiled = self.fixed_batch = False
+                self.compiled = self.fixed_batch = self.aot = False
                 self.max_batch_size = None
         if forward is None:
             forward = _quantized_int8(model)
         self.int8_engine = forward.int8_engine
         return forward
+
+    def _load_aot_int8(self, model: MlpMixer, bf16: bool):
+        """The static int8 package of `model`; None (and a log line) where it cannot be built."""
+        from models.backends.torch_int8 import package_recipe
+
+        try:
+            return self._load_aot(model, "int8", package_recipe(bf16))
+        except BackendError as err:  # torchao broken for this torch, an export or compile limit
+            log.warning("static int8 AOT package failed: %s", err)
+            return None
 
     def describe(self) -> dict[str, object]:
         """The base description, plus which int8 engine runs (static or dynamic)."""
@@ -165,7 +191,7 @@ class TorchPredictor(Predictor):
             described["int8_engine"] = self.int8_engine
         return described
 
-    def _load_aot(self, model: MlpMixer, precision: str):
+    def _load_aot(self, model: MlpMixer, precision: str, recipe: dict[str, object] | None = None):
         from models.backends.aot_package import load_or_build
 
         folder = Path(self._cache_dir) if self._cache_dir else default_cache_dir()
@@ -179,6 +205,7 @@ class TorchPredictor(Predictor):
             self._cache_store,
             self._release_source,
             torch.get_num_threads(),
+            recipe,
         )
         release_free_memory()
         return forward

@@ -44,10 +44,35 @@ from models.mixer import MlpMixer
 log = logging.getLogger(__name__)
 ENGINE = "pt2e-x86-inductor"  # the name `.int8_engine` reports for this path
 CALIBRATION_IMAGES = 32  # enough for stable per-tensor ranges; more only costs setup time
+# Bump when what package_module builds changes in a way its sources do not show (calibration
+# images, quantizer settings are in this file and hashed too; this names the recipe).
+RECIPE_VERSION = 1
 
 
-def static_int8_available() -> bool:
-    """torchao's PT2E quantizer imports (torch.ao's copy was removed in torch 2.10)."""
+def torchao_version() -> str | None:
+    """The installed torchao's version, without importing it (215 MB resident); None if absent."""
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec("torchao") is None:
+            return None
+        return importlib.metadata.version("torchao")
+    except (ImportError, ValueError):  # hidden (sys.modules entry None) or no metadata
+        return None
+
+
+def static_int8_available(load: bool = False) -> bool:
+    """torchao (its PT2E quantizer; torch.ao's copy was removed in torch 2.10) is installed.
+
+    Without `load` only its presence is checked: importing it costs a worker 215 MB for the
+    life of the process, and a worker loading a cached int8 package never needs it. Where it
+    is present but broken, building the package (or quantize_static) fails and says so.
+    """
+    if torchao_version() is None:
+        return False
+    if not load:
+        return True
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -184,6 +209,34 @@ def drop_unused_parameters(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
             owner, _, attribute = name.rpartition(".")
             del graph.get_submodule(owner)._parameters[attribute]
     return graph
+
+
+def package_recipe(bf16: bool) -> dict[str, object]:
+    """What decides an int8 AOT package besides weights and host: part of its cache key."""
+    import hashlib
+    from pathlib import Path
+
+    from models import mixer
+
+    sources = hashlib.sha256()
+    for path in (__file__, mixer.__file__):  # the recipe here, the graph traced from there
+        sources.update(Path(path).read_bytes())
+    return {
+        "kind": "static-int8",
+        "version": RECIPE_VERSION,
+        "calibration_images": CALIBRATION_IMAGES,
+        "torchao": torchao_version(),
+        "mixed_bf16": bool(bf16),
+        "sources": sources.hexdigest(),
+    }
+
+
+def package_module(model: MlpMixer, batch_size: int, recipe: dict[str, object]) -> nn.Module:
+    """The module an int8 AOT package compiles (in the build's child process): quantized,
+    calibrated, under bf16 autocast where `recipe` says so; `model`'s fp32 weights are freed."""
+    quantized = quantize_static(model, batch_size)
+    model.to("meta")
+    return _Autocast(quantized) if recipe.get("mixed_bf16") else quantized
 
 
 def static_int8(
