@@ -155,6 +155,26 @@ def test_the_key_changes_with_precision_batch_weights_and_geometry(tiny):
     assert "/" not in key and key.endswith(".pt2")
 
 
+def test_the_int8_key_differs_from_bf16_and_follows_its_recipe(tiny):
+    from models.backends.torch_int8 import package_recipe
+
+    base = dict(config=tiny.config, weights_sha256="a" * 64, batch_size=16, gelu_by_table=False)
+    recipe = package_recipe(bf16=True)
+    assert recipe["version"] >= 1 and recipe["mixed_bf16"] is True
+    int8 = package_key(**base, precision="int8", recipe=recipe)
+    assert int8.startswith("aoti-int8-b16-") and int8 == package_key(
+        **base, precision="int8", recipe=package_recipe(bf16=True)
+    )
+    others = {
+        package_key(**{**base, "gelu_by_table": True}, precision="bf16"),
+        package_key(**base, precision="fp32"),
+        package_key(**base, precision="int8", recipe=package_recipe(bf16=False)),
+        package_key(**base, precision="int8", recipe={**recipe, "torchao": "0.0.1"}),
+        package_key(**base, precision="int8", recipe={**recipe, "version": recipe["version"] + 1}),
+    }
+    assert int8 not in others and len(others) == 5
+
+
 def test_loading_a_cached_package_imports_no_compiler(built):
     """The memory and start-up claim: a worker loading a package never imports Dynamo/Inductor."""
     _, cache_dir, _ = built
@@ -192,7 +212,9 @@ def test_actors_starting_together_build_the_package_once(tmp_path):
 
 
 def test_aot_rejects_what_it_cannot_run(tiny):
-    with pytest.raises(BackendError, match="fp32 or bf16 on the CPU only"):
-        create(tiny, "torch", "int8", "cpu", compile="aot")
+    with pytest.raises(BackendError, match="AOT packages run fp32, bf16 or int8"):
+        load_or_build(tiny, "a" * 64, "fp16", BATCH, Path("unused"))
+    with pytest.raises(BackendError, match="int8 AOT package needs its recipe"):
+        load_or_build(tiny, "a" * 64, "int8", BATCH, Path("unused"))
     with pytest.raises(ValueError, match="compile must be"):
         create(tiny, "torch", "bf16", "cpu", compile="ahead")

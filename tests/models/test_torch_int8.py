@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.backends import create
+from models.backends import BackendError, create
 from models.backends.auto import CpuInfo, choose
 from models.backends.torch_backend import static_int8_usable
 from models.backends.torch_int8 import (
@@ -22,6 +24,7 @@ from models.backends.torch_int8 import (
 from models.checkpoints import save_checkpoint
 from models.mixer import build_preset
 
+ROOT = Path(__file__).resolve().parents[2]
 XEON_AMX = CpuInfo("Xeon (SPR)", frozenset({"avx2", "avx512f", "amx_bf16", "amx_int8"}), "AVX512")
 ZEN4 = CpuInfo("AMD EPYC 9R14", frozenset({"avx2", "avx512_bf16", "avx512_vnni"}), "AVX512")
 
@@ -67,9 +70,9 @@ def test_static_int8_agrees_with_fp32_on_a_trained_model(trained, tmp_path):
     path = tmp_path / "tiny.safetensors"
     save_checkpoint(trained, path)
     # From a path: create() owns the fp32 weights and releases them once quantized.
-    predictor = create(path, "torch", "int8", "cpu", compile=True)
+    predictor = create(path, "torch", "int8", "cpu", compile="jit")
     assert predictor.describe()["int8_engine"] == ENGINE
-    assert predictor.compiled and predictor.max_batch_size == 16
+    assert predictor.compiled and not predictor.aot and predictor.max_batch_size == 16
     logits, features = predictor.predict_with_features(images)  # 96 = 6 full batches
     agree = float((logits.argmax(1) == reference.argmax(1)).float().mean())
     cosine = float(F.cosine_similarity(logits, reference).min())
@@ -79,6 +82,85 @@ def test_static_int8_agrees_with_fp32_on_a_trained_model(trained, tmp_path):
     assert cosine >= 0.99
     short = predictor.predict(images[:5])  # padded to the compiled batch, cut back
     assert torch.allclose(short, logits[:5], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def int8_package(trained, tmp_path_factory):
+    """The trained model's static int8 AOT package, built once from a checkpoint path."""
+    needs_static_int8()
+    folder = tmp_path_factory.mktemp("int8-aot")
+    path = folder / "tiny.safetensors"
+    save_checkpoint(trained, path)
+    cache_dir = folder / "cache"
+    predictor = create(
+        path, "torch", "int8", "cpu", batch_size=8, compile="aot", cache_dir=cache_dir
+    )
+    return predictor, path, cache_dir
+
+
+def test_int8_package_is_built_once_then_loaded_and_agrees_with_fp32_like_jit(
+    trained, int8_package
+):
+    built, path, cache_dir = int8_package
+    assert built.aot and built.aot_info["source"] == "built"
+    assert built.aot_info["key"].startswith("aoti-int8-b8-")
+    assert built.describe()["int8_engine"] == ENGINE and built.max_batch_size == 8
+    cached = create(path, "torch", "int8", "cpu", batch_size=8, compile="aot", cache_dir=cache_dir)
+    assert cached.aot_info["source"] == "local"
+    assert cached.aot_info["key"] == built.aot_info["key"]
+    images, _ = bar_images(44, seed=3)  # 5 full batches and a padded one
+    logits, features = cached.predict_with_features(images)
+    assert torch.equal(logits, built.predict(images))
+    assert logits.dtype == features.dtype == torch.float32 and features.shape == (44, 64)
+    with torch.no_grad():
+        reference = trained(images)
+    agree = float((logits.argmax(1) == reference.argmax(1)).float().mean())
+    cosine = float(F.cosine_similarity(logits, reference).min())
+    print(f"static int8 AOT: top-1 agreement {agree:.3f}, min logits cosine {cosine:.4f}")
+    assert agree >= 0.98 and cosine >= 0.99
+    jit = create(trained, "torch", "int8", "cpu", batch_size=8, compile="jit")
+    assert not jit.aot and jit.describe()["int8_engine"] == ENGINE
+    # The same quantized graph and kernels; the package was calibrated in another process.
+    assert (logits - jit.predict(images)).abs().max() < 0.05
+
+
+def test_int8_package_constants_are_all_realigned(int8_package):
+    """The int8 lowering names every activation scale "x_scale": each must still be realigned
+    (a constant left in the runner's buffer keeps it, and its misaligned weights, alive)."""
+    constants = int8_package[0]._forward.constants
+    int8_weights = [t for t in constants.values() if t.dtype == torch.int8]
+    assert len(int8_weights) == 2 + 4 * 2  # stem, head, four Linears in each of two blocks
+    assert sum(t.dim() == 0 for t in constants.values()) >= 8  # the per-GEMM x_scale / x_zp
+    for name, tensor in constants.items():
+        mkldnn = tensor.layout == torch._mkldnn
+        address = torch.ops.mkldnn.data_ptr(tensor) if mkldnn else tensor.data_ptr()
+        assert address % 64 == 0, name
+
+
+def test_loading_an_int8_package_imports_neither_torchao_nor_the_compiler(int8_package):
+    """The worker's memory claim: torchao (215 MB) and Inductor stay out of a loading process."""
+    _, path, cache_dir = int8_package
+    script = (
+        "import sys, torch\n"
+        "from models.backends import create\n"
+        f"p = create({str(path)!r}, 'torch', 'int8', 'cpu', batch_size=8, compile='aot',"
+        f" cache_dir={str(cache_dir)!r})\n"
+        "p.predict(torch.zeros(3, 3, 32, 32))\n"
+        "assert p.aot_info['source'] == 'local', p.aot_info\n"
+        "mods = ('torchao', 'torch._inductor', 'torch._dynamo', 'sympy')\n"
+        "loaded = [m for m in mods if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_int8_aot_without_torchao_is_refused_by_name(trained, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    with pytest.raises(BackendError, match="compile='aot' int8 needs static int8"):
+        create(trained, "torch", "int8", "cpu", compile="aot")
 
 
 def test_without_torchao_int8_falls_back_to_dynamic_quantization(trained, monkeypatch, caplog):
