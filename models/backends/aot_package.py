@@ -8,6 +8,10 @@ the package as constants), in a child process so none of the compiler's memory i
 worker's. Workers run the package's shared library with torch's C++ runner (`torch._C._aoti`),
 which imports nothing of Inductor, in-process.
 
+Static int8 (torch_int8.py) is packaged the same way: the child quantizes, calibrates and
+compiles, so a worker loading it never imports torchao either; its key adds the quantization
+recipe (torch_int8.package_recipe: recipe version, torchao's version, mixed bf16).
+
 Packages are cached under a key made of everything that determines them: the weights'
 sha256, the model's geometry, precision, batch shape, the FusedMixer source, the torch
 version, the CPU's instruction sets (kernels and prepacked weight layouts are chosen for
@@ -20,7 +24,8 @@ Memory: the runner copies the constants out of the mapped shared library into it
 the mapped pages are then dead weight counted in the resident set, so they are handed back to
 the kernel (madvise MADV_PAGEOUT, which never changes what a page reads). That buffer is
 misaligned for AMX (see AotModel), so the constants move once more, into aligned tensors, and
-the buffer's pages go back too: the worker holds its weights once.
+the buffer's pages go back too: the worker holds its weights once. (B/16, 2-core AMX Xeon:
+the int8 package's GEMMs run 0.79x on the runner's buffer, bf16's 0.64x to 0.74x.)
 """
 
 from __future__ import annotations
