@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,19 @@ def test_int8_package_is_built_once_then_loaded_and_agrees_with_fp32_like_jit(
     assert not jit.aot and jit.describe()["int8_engine"] == ENGINE
     # The same quantized graph and kernels; the package was calibrated in another process.
     assert (logits - jit.predict(images)).abs().max() < 0.05
+
+
+def test_int8_package_calls_onednn_int8_kernels_through_the_c_shim(int8_package):
+    """Every GEMM is lowered to oneDNN's int8 kernels and called without Python (no proxy
+    executor, which would need the op's Python registration: torchao at load time)."""
+    predictor, _, cache_dir = int8_package
+    with zipfile.ZipFile(cache_dir / "aoti" / predictor.aot_info["key"]) as archive:
+        [name] = [n for n in archive.namelist() if n.endswith(".wrapper.cpp")]
+        source = archive.read(name).decode()
+    linears = source.count("aoti_torch_cpu__qlinear_pointwise")
+    assert linears == 1 + 4 * 2  # the head and four Linears in each of two blocks
+    assert source.count("aoti_torch_cpu__qconv_pointwise") == 1  # the stem
+    assert "call_function(" not in source
 
 
 def test_int8_package_constants_are_all_realigned(int8_package):
