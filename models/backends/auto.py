@@ -11,7 +11,8 @@ GPU (CUDA visible, device "auto" or "cuda"):
 CPU:
   backend   torch (oneDNN; onnxruntime's CPU provider is slower here and has no bf16 GEMM)
   precision int8 where the CPU has AMX int8 (amx_int8, Sapphire Rapids and later) and static
-            int8 runs here (torchao's PT2E quantizer imports, see torch_int8.py). Measured
+            int8 runs here (torchao installed, see torch_int8.py; its package is built once in
+            a child process and workers load it without importing torchao). Measured
             on a 2-core AMX Xeon, B/16, one process: 1.5x the compiled bf16 predictor (its
             int8 GEMM is 2x bf16's), top-1 >= 99.7% on real images (demo model), logits
             cosine 0.9999 on B/16. Only for models big enough to compile (>= 1 GFLOP per
@@ -190,7 +191,7 @@ def gpu_precision(gpu: GpuInfo) -> tuple[str, str]:
 
 
 def cpu_precision(cpu: CpuInfo, static_int8: bool = False) -> tuple[str, str]:
-    """The precision the rule picks for `cpu`, and why; `static_int8`: torchao's PT2E imports."""
+    """The precision the rule picks for `cpu`, and why; `static_int8`: torchao is installed."""
     if cpu.amx_int8 and static_int8:
         return "int8", f"{cpu.model_name}: AMX int8 with static quantization (1.5x bf16)"
     if cpu.native_bf16:
