@@ -14,7 +14,6 @@ import torch
 from models.backends import BackendError, create
 from models.backends.aot_package import check_package, load_or_build, package_key
 from models.backends.torch_backend import compiler_available
-from models.mixer import build_preset
 from pipeline.engine_cache import StorageCacheStore
 
 pytestmark = pytest.mark.skipif(
@@ -22,11 +21,6 @@ pytestmark = pytest.mark.skipif(
 )
 ROOT = Path(__file__).resolve().parents[2]
 BATCH = 4
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_preset("tiny")
 
 
 @pytest.fixture(scope="module")

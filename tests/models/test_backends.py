@@ -18,11 +18,6 @@ OFFICIAL = Path(__file__).parent / "data" / "official_small" / "params.npz"
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return build_preset("tiny")
-
-
-@pytest.fixture(scope="module")
 def images():
     return torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

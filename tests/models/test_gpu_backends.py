@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from models.backends import BackendError, create
 from models.backends.onnxruntime_backend import providers_available
 from models.backends.torch_fused import FusedMixer
-from models.mixer import build_preset
 
 requires_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device visible to torch here"
@@ -50,11 +49,6 @@ class DictStore:
     def put(self, key: str, data: bytes) -> None:
         self.puts.append(key)
         self.data[key] = data
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_preset("tiny")
 
 
 @pytest.fixture(scope="module")

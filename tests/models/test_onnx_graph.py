@@ -11,18 +11,12 @@ import pytest
 import torch
 
 from models.backends.onnx_graph import OUTPUT_NAMES, export_cached
-from models.mixer import build_preset
 
 onnx = pytest.importorskip("onnx", reason="onnx is not installed")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 
 ONNX_TYPES = {"fp32": onnx.TensorProto.FLOAT, "fp16": onnx.TensorProto.FLOAT16}
 ONNX_TYPES["bf16"] = onnx.TensorProto.BFLOAT16
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_preset("tiny")
 
 
 @pytest.fixture(scope="module")
