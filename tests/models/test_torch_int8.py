@@ -212,6 +212,19 @@ def test_auto_rule_with_static_int8():
         assert precision(XEON_AMX, gflop=25.2) == "int8"
 
 
+def test_auto_takes_bf16_when_its_int8_would_only_be_dynamic(caplog):
+    """auto picks int8 for the static path; without it (here: compile=False) bf16 is faster."""
+    model = build_preset("S/32")  # about 2 GFLOP per image: big enough for static int8
+    if choose(device="cpu", gflop=2 * model.config.macs_per_image() / 1e9).precision != "int8":
+        pytest.skip("auto does not pick int8 on this machine (no AMX int8 or no torchao)")
+    with caplog.at_level(logging.WARNING, logger="models.backends"):
+        predictor = create(model, "auto", "auto", "cpu", batch_size=2, compile=False)
+    assert predictor.precision == "bf16" and "bf16 instead" in predictor.choice.reason
+    assert "auto falls back to bf16" in caplog.text
+    explicit = create(model, "torch", "int8", "cpu", batch_size=2, compile=False)
+    assert explicit.precision == "int8" and explicit.int8_engine.startswith("dynamic")
+
+
 def test_capped_onednn_isa_gets_no_amx_int8(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
     assert not XEON_AMX.amx_int8
