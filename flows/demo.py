@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.cli import UserFacingError
+from pipeline.environ import patched_environ
 
 DEMO_DIR = ".demo"
 BUCKET = "mixer-label-demo"
@@ -168,7 +169,7 @@ def run_demo(options: DemoOptions = DemoOptions(), log: Log = print) -> DemoRepo
         shards_uri, output_uri = str(local_shards), str(root / "predictions")
         if options.s3:
             endpoint = stack.enter_context(moto_server(root))
-            stack.enter_context(_environ({"MIXER_LABEL_CACHE": str(root / "cache")}))
+            stack.enter_context(patched_environ({"MIXER_LABEL_CACHE": str(root / "cache")}))
             shards_uri, output_uri = f"s3://{BUCKET}/shards", f"s3://{BUCKET}/predictions"
             upload_tree(local_shards, shards_uri)
             log(f"uploaded the shards to {shards_uri} on the S3 API server at {endpoint}")
@@ -512,7 +513,7 @@ def moto_server(root: Path) -> Iterator[str]:
         )
     try:
         _wait_for_port(port, process, "the S3 API server (moto)")
-        with _environ({**_MOTO_ENV, "AWS_ENDPOINT_URL_S3": endpoint}):
+        with patched_environ({**_MOTO_ENV, "AWS_ENDPOINT_URL_S3": endpoint}):
             import boto3
 
             boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
@@ -553,7 +554,7 @@ def _prefect_settings(api_url: str, home: Path) -> Iterator[None]:
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
     with (
-        _environ({"PREFECT_API_URL": api_url}),
+        patched_environ({"PREFECT_API_URL": api_url}),
         temporary_settings({PREFECT_API_URL: api_url, PREFECT_HOME: str(home)}),
     ):
         try:
@@ -585,20 +586,6 @@ def _drain_prefect_clients() -> None:
             await result
 
     run_coro_as_sync(drain())
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _port(preferred: int | None) -> int:

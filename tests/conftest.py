@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from pipeline.environ import patched_environ
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # Compiled packages, ONNX exports and engines go to a cache folder: the tests share one of
@@ -46,21 +48,6 @@ def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen | 
         except OSError:
             time.sleep(0.1)
     raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
-
-
-@contextlib.contextmanager
-def patched_environ(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for a fixture's lifetime; restore (or remove) them after."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @contextlib.contextmanager
