@@ -207,6 +207,7 @@ def load_or_build(
             threads,
             start,
             recipe,
+            gelu_by_table,
         )
 
 
@@ -258,7 +259,17 @@ def _build_lock(path: Path):
 
 
 def _build(
-    model, key, precision, batch_size, path, cache_store, release_source, threads, start, recipe
+    model,
+    key,
+    precision,
+    batch_size,
+    path,
+    cache_store,
+    release_source,
+    threads,
+    start,
+    recipe,
+    gelu_by_table,
 ):
     """Compile the package for `key` into `path` (and `cache_store`), then load it."""
     from models.backends.torch_backend import DTYPES
@@ -270,7 +281,7 @@ def _build(
         if release_source:
             model.to("meta")
     else:
-        module = FusedMixer(model, DTYPES[precision], gelu_by_table=precision == "bf16").eval()
+        module = FusedMixer(model, DTYPES[precision], gelu_by_table=gelu_by_table).eval()
         if release_source:
             model.to("meta")
         build_in_child(module, model.config, batch_size, path, key, threads)
