@@ -5,6 +5,9 @@ One run measures, on the same inputs and the same threads:
   and a dynamically quantized Linear; on a GPU fp32, bf16, fp16) on the model's own largest
   GEMM, the channel MLP's (batch * tokens) x C x D_C;
   the hardware limit in images/s is the best of those rates / FLOPs per image;
+- the GEMM-only ceiling: every GEMM of the model (stem, token and channel MLPs, head) timed
+  alone at the limit's precision and batch, summed: what the GEMM library leaves reachable
+  if everything else were free (the token MLP's small K runs well below the largest GEMM);
 - each predictor's throughput (images/s from the median batch latency) and latency, also as
   % of that limit, and the time to create it (export, compile, engine build);
 - timm's eager fp32 model of the same geometry (mixer_b16_224 for B/16) as the reference
@@ -92,6 +95,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
     from models.backends.torch_backend import configure_threads
     from models.checkpoints import resolve_model
     from models.measure import (
+        gemm_ceiling,
         gemm_peaks,
         load_inputs,
         memory_in_fresh_process,
@@ -171,14 +175,24 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
         log("GEMM peaks ...")
         peaks = gemm_peaks(config, sizes, kinds, 2.0, device)
         report["gemm"] = peaks
-        rate, kind = max((r, k) for k, rates in peaks.items() for r in rates.values())
+        rate, kind, shape = max(
+            (r, k, shape) for k, rates in peaks.items() for shape, r in rates.items()
+        )
         limit = rate * 1e9 / flops
         report["limit"] = {"gflops": rate, "kind": kind, "images_per_s": limit}
+        batch = int(shape.split("x")[0]) // config.num_tokens
+        log(f"GEMM-only ceiling ({kind}, batch {batch}) ...")
+        ceiling = gemm_ceiling(config, batch, kind, min(1.0, options.seconds), device)
+        ceiling["percent_of_limit"] = 100 * ceiling["images_per_s"] / limit
+        report["gemm_ceiling"] = ceiling
         for result in results:
             # Best against best: a GEMM peak is a best-of by nature, and on a shared machine
             # the best batch is the one least disturbed by other processes.
             result["percent_of_limit"] = 100 * result["best_images_per_s"] / limit
             result["percent_of_limit_median"] = 100 * result["images_per_s"] / limit
+            result["percent_of_gemm_ceiling"] = (
+                100 * result["best_images_per_s"] / ceiling["images_per_s"]
+            )
     report["results"] = results
 
     if options.memory and "auto" in options.backends and pairs:
@@ -308,14 +322,27 @@ def format_markdown(report: dict) -> str:
             f"({limit['kind']} GEMM at {limit['gflops']:.0f} GFLOP/s, best of short runs); "
             "% of limit = best batch / limit"
         )
+    ceiling = report.get("gemm_ceiling")
+    if ceiling:
+        rates = ", ".join(
+            f"{g['name']} {g['gflops']:.0f}" for g in ceiling["gemms"] if g["calls"] > 1
+        )
+        lines.append(
+            f"GEMM-only ceiling: {ceiling['images_per_s']:.1f} img/s = "
+            f"{ceiling['percent_of_limit']:.0f}% of the limit (every GEMM of the model at batch "
+            f"{ceiling['batch_size']} with the {ceiling['kind']} kernel, nothing else; "
+            f"GFLOP/s: {rates})"
+        )
     lines += [
         "",
-        "| backend | precision | batch | img/s (median) | img/s (best) | % of limit | p50 ms"
-        " | p90 ms | top-1 agree | max Δprob | min cos | setup s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| backend | precision | batch | img/s (median) | img/s (best) | % of limit"
+        " | % of GEMM-only | p50 ms | p90 ms | top-1 agree | max Δprob | min cos | setup s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         pct = f"{r['percent_of_limit']:.0f}%" if "percent_of_limit" in r else "-"
+        ceiling_pct = r.get("percent_of_gemm_ceiling")
+        pct_gemms = f"{ceiling_pct:.0f}%" if ceiling_pct is not None else "-"
         quality = (
             f"{100 * r['top1_agreement']:.1f}% | {r['max_prob_diff']:.2g} | {r['min_cosine']:.4f}"
             if "top1_agreement" in r
@@ -325,7 +352,8 @@ def format_markdown(report: dict) -> str:
         precision = r["precision"] + (" (auto)" if r.get("auto") else "")
         lines.append(
             f"| {backend} | {precision} | {r['batch_size']} | {r['images_per_s']:.1f} | "
-            f"{r['best_images_per_s']:.1f} | {pct} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | "
+            f"{r['best_images_per_s']:.1f} | {pct} | {pct_gemms} | "
+            f"{r['p50_ms']:.0f} | {r['p90_ms']:.0f} | "
             f"{quality} | {r['setup_s']:.0f} |"
         )
     if report.get("gemm"):

@@ -165,6 +165,46 @@ def gemm_peaks(
     return peaks
 
 
+def model_gemms(config, batch: int) -> list[tuple[str, int, int, int, int]]:
+    """(name, M, K, N, calls per batch) of every GEMM the model runs on `batch` images.
+
+    Their multiply-adds sum to `config.macs_per_image()` per image (the stem as the GEMM over
+    flattened patches it is).
+    """
+    s, c, blocks = config.num_tokens, config.hidden_dim, config.num_blocks
+    d_s, d_c = config.tokens_mlp_dim, config.channels_mlp_dim
+    return [
+        ("stem", batch * s, 3 * config.patch_size**2, c, 1),
+        ("token fc1", batch * c, s, d_s, blocks),
+        ("token fc2", batch * c, d_s, s, blocks),
+        ("channel fc1", batch * s, c, d_c, blocks),
+        ("channel fc2", batch * s, d_c, c, blocks),
+        ("head", batch, c, config.num_classes, 1),
+    ]
+
+
+def gemm_ceiling(config, batch: int, kind: str, seconds: float, device: str) -> dict:
+    """Images/s of the model's GEMMs alone, each shape timed with `kind`'s kernel.
+
+    The hardware limit prices every FLOP at the rate of the largest GEMM; the model's other
+    GEMMs (the token MLP's K = tokens, the stem, the head) run slower than that. This is
+    what a predictor would reach if norms, GELUs, residuals and quantization were free: the
+    part of the limit that the GEMM library leaves reachable at all.
+    """
+    seconds_per_batch = 0.0
+    gemms = []
+    for name, m, k, n, calls in model_gemms(config, batch):
+        rate = gemm_rate(kind, m, k, n, seconds, device)
+        seconds_per_batch += calls * 2 * m * k * n / (rate * 1e9)
+        gemms.append({"name": name, "shape": f"{m}x{k}x{n}", "calls": calls, "gflops": rate})
+    return {
+        "kind": kind,
+        "batch_size": batch,
+        "images_per_s": batch / seconds_per_batch,
+        "gemms": gemms,
+    }
+
+
 def agreement(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
     """Top-1 agreement, max softmax probability difference and logits cosine vs `reference`."""
     reference, logits = reference.float(), logits.float()

@@ -13,11 +13,13 @@ from models.bench import BenchOptions, configurations, format_markdown
 from models.measure import (
     Timing,
     agreement,
+    gemm_ceiling,
     gemm_peaks,
     gemm_rate,
     load_inputs,
     memory_in_fresh_process,
     memory_probe,
+    model_gemms,
     repeat_to,
     synthetic_images,
     time_batches,
@@ -54,6 +56,30 @@ def test_gemm_peaks_use_the_channel_mlp_shape():
     config = PRESETS["tiny"]
     peaks = gemm_peaks(config, [2], ["fp32"], 0.05, "cpu")
     assert list(peaks["fp32"]) == [f"{2 * config.num_tokens}x64x128"]
+
+
+@pytest.mark.parametrize("name", ["tiny", "S/32", "B/16", "L/16"])
+def test_model_gemms_are_all_the_multiply_adds(name):
+    config = PRESETS[name]
+    gemms = model_gemms(config, batch=3)
+    assert sum(m * k * n * calls for _, m, k, n, calls in gemms) == 3 * config.macs_per_image()
+    work = {gemm: m * k * n * calls for gemm, m, k, n, calls in gemms}
+    if name != "tiny":  # whose stem (K = 3 * 8 * 8) outweighs its channel MLP
+        assert work["channel fc1"] == max(work.values())  # the shape gemm_peaks times
+
+
+def test_gemm_ceiling_sums_each_shape_at_its_own_rate():
+    config = PRESETS["tiny"]
+    ceiling = gemm_ceiling(config, 2, "fp32", 0.05, "cpu")
+    gemms = ceiling["gemms"]
+    assert [g["name"] for g in gemms] == [g[0] for g in model_gemms(config, 2)]
+    assert gemms[1]["shape"] == f"{2 * 64}x{config.num_tokens}x32"
+    seconds = sum(
+        g["calls"] * 2 * math.prod(map(int, g["shape"].split("x"))) / (g["gflops"] * 1e9)
+        for g in gemms
+    )
+    assert ceiling["images_per_s"] == pytest.approx(2 / seconds)
+    assert all(g["gflops"] > 0 for g in gemms)
 
 
 def test_agreement_of_identical_and_of_flipped_logits():
@@ -166,6 +192,11 @@ def test_whole_run_on_tiny_gives_table_and_json(tmp_path, capsys):
         assert 0 <= row["top1_agreement"] <= 1 and row["percent_of_limit"] > 0
     assert set(report["gemm"]) == {"fp32", "bf16", "int8"}
     assert report["limit"]["images_per_s"] > 0
+    ceiling = report["gemm_ceiling"]
+    assert ceiling["images_per_s"] > 0 and len(ceiling["gemms"]) == 6
+    assert ceiling["kind"] == report["limit"]["kind"] and ceiling["percent_of_limit"] > 0
+    assert all(row["percent_of_gemm_ceiling"] > 0 for row in report["results"])
+    assert "GEMM-only ceiling:" in out and "| % of GEMM-only |" in out
     assert report["memory"]["backend"] == "torch" and report["memory"]["peak_mb"] >= 0
     assert report["machine"]["cpu"]["cpus"] >= 1
 
