@@ -11,6 +11,8 @@ against the fp32 model on the same images (logits cosine, top-1 agreement):
 - fused-compiled: what `create(backend="torch", precision="bf16", device="cuda")` runs
   (Inductor default mode, frozen weights; norms and pointwise ops fused; cuBLAS GEMMs).
 - *-separate-gelu: the same without `gelu_in_gemm` (GELU as its own kernel).
+- *-token-epilogue: also the token MLP's GELU in the epilogue (`token_gelu_in_gemm`: its GEMM
+  computed transposed).
 - fused-autotune: Inductor max-autotune (Triton GEMM templates with fused epilogues).
 
 Also measured: the bf16 GEMM ceiling (the model's channel GEMM and 8192^3), and JPEG decode
@@ -77,7 +79,11 @@ def build_variant(name: str, model, example: torch.Tensor):
 
         return CudaGraphed(paper_forward, example)
     in_gemm = "separate-gelu" not in name
-    fused = FusedMixer(model, torch.bfloat16, gelu_in_gemm=in_gemm).to("cuda").eval()
+    token_in_gemm = "token-epilogue" in name
+    fused = FusedMixer(
+        model, torch.bfloat16, gelu_in_gemm=in_gemm, token_gelu_in_gemm=token_in_gemm
+    )
+    fused = fused.to("cuda").eval()
     if name.startswith("fused-eager"):
         return CudaGraphed(fused, example)
     if name.startswith("fused-compiled"):
@@ -162,8 +168,8 @@ def main() -> int:
     parser.add_argument("--batch-sizes", default="256,1024")
     parser.add_argument(
         "--variants",
-        default="paper-eager,fused-eager-separate-gelu,fused-eager,"
-        "fused-compiled-separate-gelu,fused-compiled",
+        default="paper-eager,fused-eager-separate-gelu,fused-eager,fused-eager-token-epilogue,"
+        "fused-compiled-separate-gelu,fused-compiled,fused-compiled-token-epilogue",
     )
     parser.add_argument(
         "--autotune-batch",

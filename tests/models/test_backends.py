@@ -68,10 +68,25 @@ def test_gelu_table_is_gelu_rounded_to_bf16_for_every_input(approximate):
     assert (by_table - computed).abs().max() < 0.02
 
 
-def test_gelu_in_gemm_is_refused_for_an_erf_model():
+@pytest.mark.parametrize("flag", ["gelu_in_gemm", "token_gelu_in_gemm"])
+def test_gelu_in_gemm_is_refused_for_an_erf_model(flag):
     # cuBLASLt's epilogue computes the tanh form: an erf model would silently change.
     with pytest.raises(ValueError, match="tanh GELU"):
-        FusedMixer(build_preset("tiny", gelu="erf"), torch.float32, gelu_in_gemm=True)
+        FusedMixer(build_preset("tiny", gelu="erf"), torch.float32, **{flag: True})
+
+
+@pytest.mark.parametrize("flag", ["gelu_in_gemm", "token_gelu_in_gemm"])
+def test_mlps_with_gelu_in_the_gemm_compute_the_same_model(flag):
+    # Where the GEMM's epilogue computes the GELU, the token MLP runs transposed; on the CPU
+    # the op computes the erf form (within 1e-3 of tanh), so only the layout can differ here:
+    # a bias on the wrong axis or a transposed weight would move the logits far more.
+    model = build_preset("tiny")
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected, _ = FusedMixer(model, torch.float32)(images)
+        logits, _ = FusedMixer(model, torch.float32, **{flag: True})(images)
+    assert (logits - expected).abs().max() < 1e-2
+    assert F.cosine_similarity(logits, expected).min() > 0.9999
 
 
 # --- every backend and precision on the CPU ----------------------------------------------------

@@ -99,9 +99,10 @@ def test_gemm_epilogue_gelu_is_the_tanh_form_on_cuda():
 
 
 @requires_cuda
-def test_fused_gelu_in_gemm_matches_the_separate_gelu(tiny, images):
+@pytest.mark.parametrize("flags", [("gelu_in_gemm",), ("gelu_in_gemm", "token_gelu_in_gemm")])
+def test_fused_gelu_in_gemm_matches_the_separate_gelu(tiny, images, flags):
     plain = FusedMixer(tiny, torch.float32).cuda()
-    in_gemm = FusedMixer(tiny, torch.float32, gelu_in_gemm=True).cuda()
+    in_gemm = FusedMixer(tiny, torch.float32, **dict.fromkeys(flags, True)).cuda()
     with torch.inference_mode():
         expected, _ = plain(images.cuda())
         logits, _ = in_gemm(images.cuda())
