@@ -15,6 +15,7 @@ from models.backends import BackendError, create
 from models.backends.aot_package import check_package, load_or_build, package_key
 from models.backends.torch_backend import compiler_available
 from pipeline.engine_cache import StorageCacheStore
+from tests.models.fresh_worker import load_cached_in_fresh_process
 
 pytestmark = pytest.mark.skipif(
     not compiler_available(), reason="no C++ compiler: AOTInductor cannot build a package"
@@ -172,20 +173,8 @@ def test_the_int8_key_differs_from_bf16_and_follows_its_recipe(tiny):
 def test_loading_a_cached_package_imports_no_compiler(built):
     """The memory and start-up claim: a worker loading a package never imports Dynamo/Inductor."""
     _, cache_dir, _ = built
-    script = (
-        "import sys, torch\n"
-        "from models.backends import create\n"
-        f"p = create('tiny', 'torch', 'bf16', 'cpu', batch_size={BATCH}, compile='aot',"
-        f" cache_dir={str(cache_dir)!r})\n"
-        "p.predict(torch.zeros(2, 3, 32, 32))\n"
-        "assert p.aot_info['source'] == 'local', p.aot_info\n"
-        "loaded = [m for m in ('torch._inductor', 'torch._dynamo', 'sympy') if m in sys.modules]\n"
-        "assert not loaded, loaded\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    never = ("torch._inductor", "torch._dynamo", "sympy")
+    load_cached_in_fresh_process("tiny", "bf16", BATCH, cache_dir, 2, never)
 
 
 def test_actors_starting_together_build_the_package_once(tmp_path):

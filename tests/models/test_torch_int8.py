@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +22,8 @@ from models.backends.torch_int8 import (
 )
 from models.checkpoints import save_checkpoint
 from models.mixer import build_preset
+from tests.models.fresh_worker import load_cached_in_fresh_process
 
-ROOT = Path(__file__).resolve().parents[2]
 XEON_AMX = CpuInfo("Xeon (SPR)", frozenset({"avx2", "avx512f", "amx_bf16", "amx_int8"}), "AVX512")
 ZEN4 = CpuInfo("AMD EPYC 9R14", frozenset({"avx2", "avx512_bf16", "avx512_vnni"}), "AVX512")
 
@@ -154,21 +152,8 @@ def test_int8_package_constants_are_all_realigned(int8_package):
 def test_loading_an_int8_package_imports_neither_torchao_nor_the_compiler(int8_package):
     """The worker's memory claim: torchao (215 MB) and Inductor stay out of a loading process."""
     _, path, cache_dir = int8_package
-    script = (
-        "import sys, torch\n"
-        "from models.backends import create\n"
-        f"p = create({str(path)!r}, 'torch', 'int8', 'cpu', batch_size=8, compile='aot',"
-        f" cache_dir={str(cache_dir)!r})\n"
-        "p.predict(torch.zeros(3, 3, 32, 32))\n"
-        "assert p.aot_info['source'] == 'local', p.aot_info\n"
-        "mods = ('torchao', 'torch._inductor', 'torch._dynamo', 'sympy')\n"
-        "loaded = [m for m in mods if m in sys.modules]\n"
-        "assert not loaded, loaded\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    never = ("torchao", "torch._inductor", "torch._dynamo", "sympy")
+    load_cached_in_fresh_process(str(path), "int8", 8, cache_dir, 3, never)
 
 
 def test_int8_aot_without_torchao_is_refused_by_name(trained, monkeypatch):
