@@ -15,6 +15,7 @@ import re
 import struct
 import zipfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,60 @@ def load_checkpoint(path: str | Path) -> MlpMixer:
         model = _load_safetensors(path)
     model.sha256 = file_sha256(path)
     return model.eval()
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What names a model in metadata and resume checks: its name and its sha256."""
+
+    name: str
+    sha256: str
+
+
+def checkpoint_identity(path: str | Path) -> ModelIdentity:
+    """The name and sha256 that `load_checkpoint(path)` would give, from the header alone.
+
+    The driver of a run needs only these (for resume checks and the summary); the workers
+    load the weights. The file is hashed as a stream and no tensor is read into memory. The
+    name follows the loaders: our safetensors header's `name`, else the file's stem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    name = path.stem
+    if detect_format(path) == "safetensors":
+        metadata, keys = _safetensors_header(path)
+        if metadata.get("format") == FORMAT_TAG:
+            name = metadata.get("name") or path.stem
+        elif "stem.proj.weight" not in keys:  # the same refusal as _load_safetensors
+            raise CheckpointError(f"{path}: safetensors header lacks format={FORMAT_TAG!r}")
+    return ModelIdentity(name, file_sha256(path))
+
+
+def model_identity(spec: str | Path) -> ModelIdentity:
+    """`resolve_model(spec)`'s name and sha256; a checkpoint file is not loaded to learn them.
+
+    A preset has no file: its seeded weights are its identity, so it is built (presets are for
+    benchmarks and tests).
+    """
+    if Path(spec).exists():
+        return checkpoint_identity(spec)
+    model = resolve_model(spec)
+    return ModelIdentity(model.name, model.sha256 or model.weights_sha256())
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, str], set[str]]:
+    """(metadata, tensor keys) of a safetensors file; only its JSON header is read."""
+    try:
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+    except (struct.error, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable safetensors header ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: unreadable safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    return metadata, set(header)
 
 
 def resolve_model(spec: str | Path) -> MlpMixer:

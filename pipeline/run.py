@@ -65,8 +65,12 @@ class ModelIdentity:
 
 
 def identify_model(config: RunConfig) -> ModelIdentity:
-    """Load the model once on the driver for its name and sha256; RunError if it cannot be."""
-    from models.checkpoints import CheckpointError, resolve_model
+    """The model's name and sha256 from its checkpoint header; RunError if it cannot be read.
+
+    The driver never builds the network (the workers do): a checkpoint's header gives the
+    name and its bytes, hashed as a stream, the sha256.
+    """
+    from models.checkpoints import CheckpointError, model_identity
     from pipeline.model_cache import local_model
     from pipeline.storage import StorageError
 
@@ -74,10 +78,10 @@ def identify_model(config: RunConfig) -> ModelIdentity:
     if "://" not in spec and Path(spec).exists():
         spec = str(Path(spec).resolve())  # workers do not share the driver's working directory
     try:
-        model = resolve_model(local_model(spec, _storage_options(config)))
+        identity = model_identity(local_model(spec, _storage_options(config)))
     except (CheckpointError, StorageError, OSError) as err:
         raise RunError(f"model {config.model}: {err}") from None
-    return ModelIdentity(spec, model.name, model.sha256 or model.weights_sha256())
+    return ModelIdentity(spec, identity.name, identity.sha256)
 
 
 def partition_uri(config: RunConfig) -> str:

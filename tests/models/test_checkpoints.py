@@ -14,7 +14,9 @@ from models.checkpoints import (
     NPZ_BLOCK_PREFIX,
     NPZ_GLOBAL,
     CheckpointError,
+    checkpoint_identity,
     load_checkpoint,
+    model_identity,
     resolve_model,
     save_checkpoint,
 )
@@ -224,3 +226,62 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path):
     images = torch.randn(2, 3, 224, 224)
     with torch.inference_mode():
         assert torch.equal(loaded(images), model(images))
+
+
+def test_identity_from_the_header_matches_what_loading_gives(tmp_path):
+    # The driver names the model in resume checks and summaries from checkpoint_identity; the
+    # workers write what load_checkpoint gives. They must agree for every format.
+    model = build_preset("tiny", gelu="erf")
+    model.name = "digits"
+    save_checkpoint(model, tmp_path / "own.safetensors")
+    write_npz(model, tmp_path / "official.npz")
+    torch.save({"state_dict": timm_state_dict(model)}, tmp_path / "timm.pth")
+    from safetensors.torch import save_file
+
+    save_file(timm_state_dict(model), str(tmp_path / "timm.safetensors"))
+    for name in ("own.safetensors", "official.npz", "timm.pth", "timm.safetensors"):
+        loaded = load_checkpoint(tmp_path / name)
+        identity = checkpoint_identity(tmp_path / name)
+        assert (identity.name, identity.sha256) == (loaded.name, loaded.sha256), name
+    assert checkpoint_identity(tmp_path / "own.safetensors").name == "digits"
+    preset = model_identity("tiny")
+    assert (preset.name, preset.sha256) == (build_preset("tiny").name, build_preset("tiny").sha256)
+
+
+def test_identity_refuses_what_loading_refuses(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello, not weights")
+    with pytest.raises(CheckpointError, match="notes.txt.*unknown checkpoint format"):
+        checkpoint_identity(tmp_path / "notes.txt")
+    with pytest.raises(CheckpointError, match="nope.npz.*no such"):
+        checkpoint_identity(tmp_path / "nope.npz")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(CheckpointError, match="foreign.safetensors.*format="):
+        checkpoint_identity(tmp_path / "foreign.safetensors")
+    with pytest.raises(CheckpointError, match="neither a checkpoint file nor a preset"):
+        model_identity("no-such-model")
+
+
+def test_identity_reads_no_weights_into_memory(tmp_path):
+    # Measured in a fresh process: loading S/32 would add its 76 MB of weights to the peak.
+    path = tmp_path / "s32.safetensors"
+    save_checkpoint(build_preset("S/32"), path)
+    probe = (
+        "import sys, torch\n"
+        "from models.measure import current_rss_bytes, peak_rss_bytes\n"
+        "from models.checkpoints import checkpoint_identity, file_sha256\n"
+        "torch.zeros(1)\n"
+        "base = current_rss_bytes()\n"
+        "identity = checkpoint_identity(sys.argv[1])\n"
+        "assert identity.sha256 == file_sha256(sys.argv[1])\n"
+        "print((peak_rss_bytes() - base) / 2**20)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(path)], capture_output=True, text=True, cwd=root
+    )
+    assert done.returncode == 0, done.stderr
+    peak_mb = float(done.stdout.split()[-1])
+    print(f"identity peak {peak_mb:.1f} MB for a {path.stat().st_size / 2**20:.0f} MB file")
+    assert peak_mb < 16
