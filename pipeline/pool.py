@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import collections
 import queue
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.background import Background
 from pipeline.runspec import ShardResult
 from pipeline.workers import WorkerSpec, actor_class
 
@@ -97,50 +97,18 @@ class _Slot:
     started_at: float = field(default_factory=time.monotonic)
 
 
-class Feed:
-    """Runs an iterator in a background thread into a bounded queue (listing overlaps labeling)."""
-
-    _DONE = object()
+class Feed(Background):
+    """The listing in a background thread, at most `maxsize` ahead (listing overlaps labeling)."""
 
     def __init__(self, items: Iterator[Any], maxsize: int = 256) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize)
-        self._stop = threading.Event()
-        self.done = False
-        self.produced = 0
-        self._thread = threading.Thread(target=self._pump, args=(items,), daemon=True)
-        self._thread.start()
-
-    def _pump(self, items: Iterator[Any]) -> None:
-        try:
-            for item in items:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-                self.produced += 1
-            self._queue.put(self._DONE)
-        except BaseException as err:  # handed to the consumer, raised there
-            self._queue.put(err)
+        super().__init__(None, items, threads=0, ahead=maxsize, name="feed")
 
     def get(self, timeout: float | None) -> Any:
         """The next item; raises queue.Empty when none is ready, StopIteration at the end."""
-        if self.done:
-            raise StopIteration
-        item = self._queue.get(timeout=timeout) if timeout else self._queue.get_nowait()
-        if item is self._DONE:
-            self.done = True
-            raise StopIteration
-        if isinstance(item, BaseException):
-            self.done = True
-            raise item
-        return item
+        return super().get(timeout=timeout or 0)
 
-    def close(self) -> None:
-        self._stop.set()
+    def close(self, wait: bool = False) -> None:
+        super().close(wait)  # a slow listing must not hold up the end of a run
 
 
 class PoolError(RuntimeError):

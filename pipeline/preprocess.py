@@ -15,19 +15,17 @@ black) color that no viewer ever shows, and white is what most viewers put behin
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
-import queue
-import threading
 import warnings
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from models.preprocessing import Preprocessing
+from pipeline.background import background_map
 from pipeline.shards import DEFAULT_MAX_BYTES, Record, too_large
 
 # Pillow warns (and does not stop) between MAX_IMAGE_PIXELS and twice that; make the warning an
@@ -168,7 +166,7 @@ def resize_center_crop(image: Image.Image, preprocessing: Preprocessing) -> Imag
     return image.resize((crop, crop), _RESAMPLE[preprocessing.interpolation], box=box)
 
 
-@lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=16)
 def _affine(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
     std_arr = np.asarray(std, dtype=np.float32)
     return 1.0 / (255.0 * std_arr), -np.asarray(mean, dtype=np.float32) / std_arr
@@ -278,10 +276,9 @@ def sniff_type(data: bytes) -> str:
     return "application/octet-stream"
 
 
-# --------------------------------------------------------------------------- threads
+# --------------------------------------------------------------------------- in threads
 
 Decoded = tuple[Record, "np.ndarray | None", "str | None"]
-_END = object()
 
 
 def decode_in_threads(
@@ -299,56 +296,14 @@ def decode_in_threads(
     is decoding while the model runs. An exception from the records iterator (a storage
     failure) is raised here, after the records before it.
     """
+    decode = functools.partial(_decode_one, preprocessing=preprocessing, limits=limits)
     ahead = ahead or max(128, 4 * threads)
-    pending: queue.Queue = queue.Queue(maxsize=ahead)
-    stop = threading.Event()
-    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="decode")
-
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                pending.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def feed() -> None:
-        iterator = iter(records)
-        try:
-            for record in iterator:
-                if record.data is None or record.error is not None:
-                    future: Future = Future()
-                    future.set_result((record, None, record.error or "no image data"))
-                else:
-                    future = pool.submit(_decode_one, record, preprocessing, limits)
-                if not put(future):
-                    break
-        except BaseException as err:  # handed to the consumer, raised in its thread
-            put(err)
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()  # releases the shard's stream when the consumer stops early
-            put(_END)
-
-    feeder = threading.Thread(target=feed, name="decode-feeder", daemon=True)
-    feeder.start()
-    try:
-        while True:
-            item = pending.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item.result()
-    finally:
-        stop.set()
-        feeder.join(timeout=30)
-        pool.shutdown(wait=True, cancel_futures=True)
+    return background_map(decode, records, max(1, threads), ahead, name="decode")
 
 
 def _decode_one(record: Record, preprocessing: Preprocessing, limits: ImageLimits) -> Decoded:
+    if record.data is None or record.error is not None:
+        return record, None, record.error or "no image data"
     try:
         return record, load_image(record.data, preprocessing, limits), None
     except ImageError as err:

@@ -31,11 +31,11 @@ import lzma
 import re
 import tarfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Literal
 
+from pipeline.background import background_map
 from pipeline.storage import ObjectInfo, ObjectNotFound, Storage, StorageError, one_line
 
 log = logging.getLogger(__name__)
@@ -540,21 +540,4 @@ def _image_records(
             return Record(key, None, error=too_large(info.size if info else len(data), max_bytes))
         return Record(key, data)
 
-    return ordered_map(fetch, shard.members, fetch_threads)
-
-
-def ordered_map(
-    fn: Callable[[Any], Any], items: Iterable[Any], threads: int, ahead: int | None = None
-) -> Iterator[Any]:
-    """fn over items in a thread pool, results in input order, at most `ahead` in flight."""
-    from collections import deque
-
-    ahead = ahead or 2 * threads
-    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="fetch") as pool:
-        window: deque = deque()
-        for item in items:
-            window.append(pool.submit(fn, item))
-            if len(window) >= ahead:
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
+    return background_map(fetch, shard.members, fetch_threads, name="fetch")
