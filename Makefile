@@ -21,8 +21,8 @@ test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(DEV_STAMP)
-	$(BIN)/ruff check models pipeline flows tests bench infra
-	$(BIN)/ruff format --check models pipeline flows tests bench infra
+	$(BIN)/ruff check console flows pipeline models tests bench infra
+	$(BIN)/ruff format --check console flows pipeline models tests bench infra
 
 bench: $(MAIN_STAMP)
 	$(BIN)/mixer-label bench

@@ -22,10 +22,7 @@ timeout 250 python3 bench/gpu_variants.py --batch-sizes 512 --autotune-batch 0 \
   --json "$OUT/variants.json" >"$OUT/variants.log" 2>&1
 echo "variants: exit $?"; tail -n 14 "$OUT/variants.log"
 
-timeout 150 python3 -c 'import argparse, sys
-from models.bench import add_arguments, main
-parser = argparse.ArgumentParser(); add_arguments(parser)
-sys.exit(main(parser.parse_args(sys.argv[1:])))' \
+timeout 150 python3 -m console bench \
   --device cuda --backends auto,torch,onnxruntime,tensorrt --precisions bf16,fp16 \
   --batch-sizes 512 --seconds 3 --no-memory --json "$OUT/bench-cuda.json" >"$OUT/bench.log" 2>&1
 echo "bench: exit $?"; grep -E '^\||GPU:|limit' "$OUT/bench.log" | tail -n 14

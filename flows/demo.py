@@ -13,7 +13,6 @@ to `.demo/predictions/` at the end so they can be queried after the server is go
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
 import json
@@ -29,7 +28,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.cli import UserFacingError
 from pipeline.environ import patched_environ
 
 DEMO_DIR = ".demo"
@@ -45,6 +43,10 @@ _MOTO_ENV = {
 }
 
 Log = Callable[[str], None]
+
+
+class DemoError(RuntimeError):
+    """A step of the demo could not run (a server that does not start, a failed flow)."""
 
 
 @dataclass(frozen=True)
@@ -288,7 +290,7 @@ def run_flow(**parameters: object) -> tuple[dict[str, object], str | None]:
     try:
         summary = state.result()
     except Exception as err:
-        raise UserFacingError(f"the label-images flow failed: {err}") from None
+        raise DemoError(f"the label-images flow failed: {err}") from None
     return summary, None if flow_run_id is None else str(flow_run_id)
 
 
@@ -449,7 +451,7 @@ class PrefectServerProcess:
         while True:
             if self.process.poll() is not None:
                 tail = self.log_path.read_text(errors="replace")[-1500:]
-                raise UserFacingError(
+                raise DemoError(
                     f"the Prefect server exited with {self.process.returncode} "
                     f"(log {self.log_path}): {' '.join(tail.split())[-300:]}"
                 )
@@ -460,7 +462,7 @@ class PrefectServerProcess:
                 if response.status == 200:
                     return self.api_url
             if time.monotonic() > deadline:
-                raise UserFacingError(
+                raise DemoError(
                     f"the Prefect server on port {self.port} was not healthy within "
                     f"{timeout:.0f} s (log {self.log_path})"
                 )
@@ -603,11 +605,11 @@ def _wait_for_port(port: int, process: subprocess.Popen, what: str, timeout: flo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise UserFacingError(f"{what} exited with {process.returncode}")
+            raise DemoError(f"{what} exited with {process.returncode}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
             return
         time.sleep(0.1)
-    raise UserFacingError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
+    raise DemoError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
 
 
 def _stop_group(process: subprocess.Popen) -> None:
@@ -619,10 +621,6 @@ def _stop_group(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _wait_for_ctrl_c(log: Log) -> None:
@@ -663,29 +661,3 @@ def mirror(partition_uri: str, local: Path) -> None:
         target = local / info.uri[len(prefix) :]
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(storage.get(info.uri))
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--s3", action="store_true", help="go through an S3 API server on loopback (moto)"
-    )
-    parser.add_argument(
-        "--serve", action="store_true", help="keep the Prefect UI and Ray dashboard up (Ctrl+C)"
-    )
-    parser.add_argument("--dir", default=DEMO_DIR, help="where everything goes (default .demo)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 12)")
-
-
-def main(args: argparse.Namespace) -> int:
-    options = DemoOptions(root=Path(args.dir), s3=args.s3, serve=args.serve, epochs=args.epochs)
-    # A plain `kill` stops the demo like Ctrl+C does: the servers it started stop with it.
-    signal.signal(signal.SIGTERM, _interrupt)
-    report = run_demo(options)
-    if not report.ok:
-        for line in report.checks.problems():
-            print(f"mixer-label demo: check failed: {line}", file=sys.stderr)
-        return 1
-    return 0

@@ -9,20 +9,20 @@ missing), where `prefect worker start --pool NAME` picks up its runs.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import zoneinfo
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import UserFacingError
-
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT_YAML = ROOT / "prefect.yaml"
 # Parameters naming local paths are made absolute: a worker runs flows in another directory.
 _PATH_PARAMETERS = ("input_uri", "output_uri", "model")
+
+
+class DeployError(Exception):
+    """The deployment cannot be served or registered; the message names what to fix."""
 
 
 @dataclass(frozen=True)
@@ -69,13 +69,13 @@ def load_spec(name: str = "nightly", path: Path = PREFECT_YAML) -> DeploymentSpe
     try:
         document = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise UserFacingError(f"{path}: no such file (the deployment is defined there)") from None
+        raise DeployError(f"{path}: no such file (the deployment is defined there)") from None
     deployments = {d.get("name"): d for d in document.get("deployments") or []}
     if name not in deployments:
-        raise UserFacingError(f"{path}: no deployment named {name!r} (have {sorted(deployments)})")
+        raise DeployError(f"{path}: no deployment named {name!r} (have {sorted(deployments)})")
     raw = deployments[name]
     if not raw.get("entrypoint"):
-        raise UserFacingError(f"{path}: deployment {name!r} has no entrypoint")
+        raise DeployError(f"{path}: deployment {name!r} has no entrypoint")
     crons = [s for s in raw.get("schedules") or [] if s.get("cron")]
     schedule = crons[0] if crons else {}
     pool = raw.get("work_pool") or {}
@@ -91,20 +91,6 @@ def load_spec(name: str = "nightly", path: Path = PREFECT_YAML) -> DeploymentSpe
         work_pool=pool.get("name"),
         work_queue=pool.get("work_queue_name"),
     )
-
-
-def parse_parameter(text: str) -> tuple[str, Any]:
-    """`key=value` from the command line; the value is read as JSON when it is JSON (64, true)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise UserFacingError(f"parameter {text!r} must look like NAME=VALUE")
-    try:
-        parsed: Any = json.loads(value)
-    except ValueError:
-        parsed = value
-    if isinstance(parsed, (dict, list)):  # only scalars are parameters here
-        parsed = value
-    return key.strip(), parsed
 
 
 def absolute_paths(parameters: dict[str, Any], cwd: Path | None = None) -> dict[str, Any]:
@@ -131,18 +117,18 @@ def check_spec(spec: DeploymentSpec) -> None:
     known = set(parameter_schema(label_images).properties)
     unknown = sorted(set(spec.parameters) - known)
     if unknown:
-        raise UserFacingError(
+        raise DeployError(
             f"unknown parameter(s) {', '.join(unknown)}; the flow takes {', '.join(sorted(known))}"
         )
     if spec.timezone:
         try:
             zoneinfo.ZoneInfo(spec.timezone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise UserFacingError(f"unknown time zone {spec.timezone!r}") from None
+            raise DeployError(f"unknown time zone {spec.timezone!r}") from None
     try:
         spec.schedules()
     except ValueError as err:
-        raise UserFacingError(f"bad cron {spec.cron!r}: {err}") from None
+        raise DeployError(f"bad cron {spec.cron!r}: {err}") from None
 
 
 def require_api() -> str:
@@ -152,14 +138,14 @@ def require_api() -> str:
 
     url = PREFECT_API_URL.value()
     if not url:
-        raise UserFacingError(
+        raise DeployError(
             "PREFECT_API_URL is not set; start a server (`prefect server start`) and "
             "export PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
     with get_client(sync_client=True) as client:
         failure = client.api_healthcheck()
     if failure is not None:
-        raise UserFacingError(f"the Prefect API at {url} does not answer: {failure}")
+        raise DeployError(f"the Prefect API at {url} does not answer: {failure}")
     return url
 
 
@@ -214,7 +200,7 @@ def ensure_process_pool(name: str) -> None:
             )
             return
     if pool.type != "process":
-        raise UserFacingError(f"work pool {name!r} has type {pool.type!r}, not 'process'")
+        raise DeployError(f"work pool {name!r} has type {pool.type!r}, not 'process'")
 
 
 def register(spec: DeploymentSpec) -> Any:
@@ -222,7 +208,7 @@ def register(spec: DeploymentSpec) -> Any:
     from prefect import deploy as prefect_deploy
 
     if not spec.work_pool:
-        raise UserFacingError("no work pool: pass --work-pool NAME")
+        raise DeployError("no work pool: pass --work-pool NAME")
     ensure_process_pool(spec.work_pool)
     ids = prefect_deploy(
         runner_deployment(spec, module_entrypoint=True),
@@ -231,44 +217,3 @@ def register(spec: DeploymentSpec) -> Any:
         ignore_warnings=True,
     )
     return ids[0]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--work-pool",
-        metavar="NAME",
-        help="register on this process work pool (created if missing) instead of serving here",
-    )
-    parser.add_argument(
-        "-p",
-        "--param",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="override a flow parameter (repeatable), e.g. -p input_uri=s3://bucket/images/",
-    )
-    parser.add_argument("--cron", help="override the schedule, e.g. '30 1 * * *'")
-    parser.add_argument("--timezone", help="IANA time zone of the cron, e.g. Europe/Berlin")
-    parser.add_argument("--name", default="nightly", help="deployment in prefect.yaml")
-    parser.add_argument("--prefect-file", type=Path, default=PREFECT_YAML, help=argparse.SUPPRESS)
-    parser.add_argument("--limit", type=int, help="when serving: most runs at the same time")
-
-
-def main(args: argparse.Namespace) -> int:
-    parameters = dict(parse_parameter(p) for p in args.param)
-    spec = load_spec(args.name, args.prefect_file).with_overrides(
-        parameters=parameters, cron=args.cron, timezone=args.timezone, work_pool=args.work_pool
-    )
-    spec = replace(spec, parameters=absolute_paths(spec.parameters))
-    check_spec(spec)
-    url = require_api()
-    if args.work_pool:
-        deployment_id = register(spec)
-        print(
-            f"registered label-images/{spec.name} ({deployment_id}) on work pool "
-            f"{spec.work_pool!r} at {url}; start a worker where it should run: "
-            f"prefect worker start --pool {spec.work_pool}"
-        )
-        return 0
-    serve(spec, limit=args.limit)
-    return 0

@@ -13,7 +13,6 @@ DIR/eval.json (test accuracy and one prediction or error per test image) and DIR
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -30,7 +29,6 @@ import torch.nn.functional as F
 
 from models.mixer import MlpMixer, preset_config
 from models.preprocessing import Preprocessing
-from pipeline.cli import UserFacingError
 
 MODEL_FILE = "model.safetensors"
 EVAL_FILE = "eval.json"
@@ -42,6 +40,10 @@ EVAL_BATCH = 64
 # Sources whose change can change the trained weights or the offline evaluation: all of
 # models/ (network, checkpoints, the predictor the evaluation runs) and these.
 _CODE_FILES = ("pipeline/preprocess.py", "pipeline/shards.py", "pipeline/train.py")
+
+
+class TrainError(ValueError):
+    """The data or the settings cannot train a model; the message names what and where."""
 
 
 @dataclass(frozen=True)
@@ -67,11 +69,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+                raise TrainError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, not {self.learning_rate}")
+            raise TrainError(f"learning_rate must be positive, not {self.learning_rate}")
         if self.max_shift < 0:
-            raise ValueError(f"max_shift must be 0 or more, not {self.max_shift}")
+            raise TrainError(f"max_shift must be 0 or more, not {self.max_shift}")
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -124,7 +126,7 @@ def iter_records(uri: str, options=None) -> Iterator[tuple[str, object]]:
         for record in read_records(storage, shard):
             yield shard.name, record
     if not found:
-        raise UserFacingError(f"{uri}: no shards found (expected WebDataset .tar files)")
+        raise TrainError(f"{uri}: no shards found (expected WebDataset .tar files)")
 
 
 def read_split(uri: str, preprocessing: Preprocessing, options=None) -> LabeledSplit:
@@ -203,7 +205,7 @@ def new_model(config: TrainConfig, label_names: list[str]) -> MlpMixer:
     try:
         geometry = preset_config(config.preset)
     except KeyError as err:
-        raise UserFacingError(str(err.args[0])) from None
+        raise TrainError(str(err.args[0])) from None
     if len(label_names) != geometry.num_classes:
         geometry = geometry.replace(num_classes=len(label_names))
     preprocessing = Preprocessing(
@@ -240,7 +242,7 @@ def fit(
     labeled = data.labels >= 0
     images, labels = data.images[labeled], data.labels[labeled]
     if len(labels) == 0:
-        raise UserFacingError("no labeled training images (expected KEY.cls beside each image)")
+        raise TrainError("no labeled training images (expected KEY.cls beside each image)")
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
@@ -439,7 +441,7 @@ def _label_names(data_uri: str, config: TrainConfig, options) -> list[str]:
     try:
         classes = preset_config(config.preset).num_classes
     except KeyError as err:
-        raise UserFacingError(str(err.args[0])) from None
+        raise TrainError(str(err.args[0])) from None
     return [str(i) for i in range(classes)]
 
 
@@ -447,7 +449,7 @@ def _check_labels(data: LabeledSplit, classes: int, uri: str) -> None:
     bad = (data.labels >= classes).nonzero().flatten()
     if len(bad):
         i = int(bad[0])
-        raise UserFacingError(
+        raise TrainError(
             f"{uri}: shard {data.shards[i]} key {data.keys[i]}: label {int(data.labels[i])} "
             f"is out of range for {classes} classes"
         )
@@ -458,43 +460,3 @@ def _write_json(path: Path, value: object) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=2) + "\n")
     tmp.replace(path)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = TrainConfig()
-    parser.add_argument("data", help="folder or s3:// prefix holding train/ and test/ shards")
-    parser.add_argument("--out", required=True, help="folder for model.safetensors, eval.json")
-    parser.add_argument("--preset", default=defaults.preset, help="model geometry (default demo)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.learning_rate, help="peak rate")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--name", default="", help="model name stored in the checkpoint")
-    parser.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint")
-
-
-def main(args: argparse.Namespace) -> int:
-    from pipeline.storage import StorageError, StorageOptions
-
-    try:
-        config = TrainConfig(
-            preset=args.preset,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            seed=args.seed,
-            name=args.name,
-        )
-    except ValueError as err:
-        raise UserFacingError(str(err)) from None
-    options = StorageOptions(endpoint_url=args.s3_endpoint_url)
-    try:
-        result = train(args.data, args.out, config, options)
-    except StorageError as err:
-        raise UserFacingError(str(err)) from None
-    print(f"model: {result.model_path} (sha256 {result.sha256[:12]})")
-    print(f"eval:  {result.model_path.parent / EVAL_FILE}")
-    return 0

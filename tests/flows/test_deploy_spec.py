@@ -7,15 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.deploy import (
-    PREFECT_YAML,
-    absolute_paths,
-    add_arguments,
-    check_spec,
-    load_spec,
-    parse_parameter,
-)
-from pipeline.cli import UserFacingError
+from console.deploy import add_arguments, parse_parameter
+from console.errors import UsageError
+from flows.deploy import PREFECT_YAML, DeployError, absolute_paths, check_spec, load_spec
 
 FLOW_PARAMETERS = [
     "input_uri",
@@ -58,9 +52,9 @@ def test_overrides_merge_parameters_and_replace_the_schedule():
 
 
 def test_a_missing_deployment_or_file_is_named(tmp_path: Path):
-    with pytest.raises(UserFacingError, match="no deployment named 'weekly'"):
+    with pytest.raises(DeployError, match="no deployment named 'weekly'"):
         load_spec("weekly")
-    with pytest.raises(UserFacingError, match="no such file"):
+    with pytest.raises(DeployError, match="no such file"):
         load_spec("nightly", tmp_path / "prefect.yaml")
 
 
@@ -79,7 +73,7 @@ def test_parse_parameter_reads_json_scalars(text, expected):
 
 
 def test_parse_parameter_refuses_a_missing_equals_sign():
-    with pytest.raises(UserFacingError, match="NAME=VALUE"):
+    with pytest.raises(UsageError, match="NAME=VALUE"):
         parse_parameter("batch_size")
 
 
@@ -103,7 +97,7 @@ def test_local_paths_become_absolute_but_uris_and_presets_do_not(tmp_path: Path)
     ],
 )
 def test_check_spec_names_what_is_wrong(overrides, message):
-    with pytest.raises(UserFacingError, match=message):
+    with pytest.raises(DeployError, match=message):
         check_spec(load_spec().with_overrides(**overrides))
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from console.main import main as cli_main
 from models.bench import BenchOptions, configurations, format_markdown
 from models.measure import (
     Timing,
@@ -26,7 +27,6 @@ from models.measure import (
     timm_reference_name,
 )
 from models.mixer import PRESETS
-from pipeline.cli import main as cli_main
 
 
 def test_timing_statistics():

@@ -21,9 +21,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from console.main import main as cli_main
 from models.checkpoints import save_checkpoint
 from models.mixer import build_preset
-from pipeline.cli import main as cli_main
 from pipeline.run import RunConfig, label_shards, plan_shards, run_labeling
 from pipeline.storage import open_storage
 from tests.pipeline import imagegen
@@ -234,7 +234,7 @@ def test_a_run_killed_half_way_resumes_without_duplicates(ray_local, s3_bucket, 
     keys = _write_good_shards(s3_bucket, shards=16, images=8, size=(320, 240))
     address = ray_local.get_runtime_context().gcs_address
     # The installed console script's module: `mixer-label run ...` as a user types it.
-    command = [sys.executable, "-m", "flows.cli", "run", f"s3://{s3_bucket}/in"]
+    command = [sys.executable, "-m", "console", "run", f"s3://{s3_bucket}/in"]
     command += [f"s3://{s3_bucket}/out", "--model", tiny_model, "--date", DATE]
     command += ["--batch-size", "1", "--ray-address", address, "--no-progress"]
     process = subprocess.Popen(command, cwd=REPO, start_new_session=True)

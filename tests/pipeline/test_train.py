@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from console.main import main as cli_main
 from models.checkpoints import load_checkpoint
-from pipeline.cli import main as cli_main
 from pipeline.demo_data import DigitsSpec, write_demo_data
 from pipeline.train import (
     EVAL_FILE,

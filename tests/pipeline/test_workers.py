@@ -214,7 +214,7 @@ def test_shard_labeler_labels_two_shards_at_once_without_ray(tmp_path) -> None:
 
 def test_compile_cache_is_the_runs_shared_store(s3_server, s3_bucket) -> None:
     """--compile-cache reaches each actor as the store its predictor caches compiled models in."""
-    from pipeline.run_command import add_arguments, config_from_args
+    from console.run import add_arguments, config_from_args
     from pipeline.storage import StorageOptions
     from pipeline.workers import WorkerSpec, compile_cache_store
 

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from pipeline.cli import UserFacingError
+from console.errors import PARTLY_FAILED, UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    """The RunConfig the flags describe; a bad value is a one-line UserFacingError."""
+    """The RunConfig the flags describe; a bad value is a one-line UsageError."""
     from pipeline.run import RunConfig
 
     try:
@@ -71,29 +71,26 @@ def config_from_args(args: argparse.Namespace):
             compile_cache=args.compile_cache,
         )
     except ValueError as err:
-        raise UserFacingError(str(err)) from None
+        raise UsageError(str(err)) from None
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.pool import PoolError
-    from pipeline.run import RunError, run_labeling
-    from pipeline.storage import StorageError
+    from pipeline.run import run_labeling
 
     config = config_from_args(args)
     progress = Progress(enabled=not args.no_progress)
+    # A RunError, PoolError or StorageError (the listing or the summary write broke mid-run)
+    # becomes one line in console.errors. Finished shards are complete files; running the
+    # same command again resumes after them.
     try:
         summary = run_labeling(config, on_shard_done=progress.shard_done)
-    except (RunError, PoolError, StorageError) as err:
-        # StorageError here: the listing or the summary write broke mid-run. Finished shards
-        # are complete files; running the same command again resumes after them.
-        raise UserFacingError(str(err)) from None
     finally:
         progress.close()
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
         print(format_summary(summary.to_dict()))
-    return 0 if summary.ok else 1
+    return 0 if summary.ok else PARTLY_FAILED
 
 
 class Progress:

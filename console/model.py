@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.cli import UserFacingError
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -16,13 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from models.checkpoints import CheckpointError, resolve_model
+    from models.checkpoints import resolve_model
     from models.summary import describe, format_description
 
-    try:
-        model = resolve_model(args.model)
-    except CheckpointError as err:
-        raise UserFacingError(str(err)) from None
-    info = describe(model)
+    info = describe(resolve_model(args.model))
     print(json.dumps(info, indent=2) if args.json else format_description(info))
     return 0

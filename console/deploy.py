@@ -1,0 +1,70 @@
+"""`mixer-label deploy`: serve the `nightly` deployment here, or register it on a work pool."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from console.errors import UsageError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from flows.deploy import PREFECT_YAML
+
+    parser.add_argument(
+        "--work-pool",
+        metavar="NAME",
+        help="register on this process work pool (created if missing) instead of serving here",
+    )
+    parser.add_argument(
+        "-p",
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a flow parameter (repeatable), e.g. -p input_uri=s3://bucket/images/",
+    )
+    parser.add_argument("--cron", help="override the schedule, e.g. '30 1 * * *'")
+    parser.add_argument("--timezone", help="IANA time zone of the cron, e.g. Europe/Berlin")
+    parser.add_argument("--name", default="nightly", help="deployment in prefect.yaml")
+    parser.add_argument("--prefect-file", type=Path, default=PREFECT_YAML, help=argparse.SUPPRESS)
+    parser.add_argument("--limit", type=int, help="when serving: most runs at the same time")
+
+
+def parse_parameter(text: str) -> tuple[str, Any]:
+    """`key=value` from the command line; the value is read as JSON when it is JSON (64, true)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"parameter {text!r} must look like NAME=VALUE")
+    try:
+        parsed: Any = json.loads(value)
+    except ValueError:
+        parsed = value
+    if isinstance(parsed, (dict, list)):  # only scalars are parameters here
+        parsed = value
+    return key.strip(), parsed
+
+
+def main(args: argparse.Namespace) -> int:
+    from flows.deploy import absolute_paths, check_spec, load_spec, register, require_api, serve
+
+    parameters = dict(parse_parameter(p) for p in args.param)
+    spec = load_spec(args.name, args.prefect_file).with_overrides(
+        parameters=parameters, cron=args.cron, timezone=args.timezone, work_pool=args.work_pool
+    )
+    spec = replace(spec, parameters=absolute_paths(spec.parameters))
+    check_spec(spec)
+    url = require_api()
+    if args.work_pool:
+        deployment_id = register(spec)
+        print(
+            f"registered label-images/{spec.name} ({deployment_id}) on work pool "
+            f"{spec.work_pool!r} at {url}; start a worker where it should run: "
+            f"prefect worker start --pool {spec.work_pool}"
+        )
+        return 0
+    serve(spec, limit=args.limit)
+    return 0

@@ -1,0 +1,59 @@
+"""`mixer-label COMMAND ...`: wires the command modules together.
+
+Each command is a module of this package with `add_arguments(parser)` and `main(args) -> int`;
+modules import their heavy dependencies inside main(), so `--help` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Sequence
+
+from console.errors import exit_code
+
+# (command, module, one-line help), in the order `mixer-label --help` lists them.
+COMMANDS: list[tuple[str, str, str]] = [
+    ("model", "console.model", "inspect a model: `mixer-label model info CHECKPOINT|PRESET`"),
+    ("run", "console.run", "label every image under INPUT into Parquet under OUTPUT"),
+    ("train", "console.train", "train a small Mixer on labeled shards (DATA/train, DATA/test)"),
+    (
+        "bench",
+        "console.bench",
+        "model-only speed per backend/precision vs this machine's GEMM peak",
+    ),
+    (
+        "deploy",
+        "console.deploy",
+        "the nightly Prefect deployment: serve it here until stopped, or register it on a "
+        "process work pool with --work-pool NAME",
+    ),
+    (
+        "demo",
+        "console.demo",
+        "the whole system on the digits data set: data, training, Prefect + Ray, checked results",
+    ),
+]
+
+
+def build_parser(commands: Sequence[tuple[str, str, str]] = COMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mixer-label",
+        description="Label images with an MLP-Mixer: Ray actors, S3 shards, Parquet out.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name, help_text in commands:
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module = importlib.import_module(module_name)
+        module.add_arguments(command)
+        command.set_defaults(handler=module.main)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return exit_code(args.command, lambda: args.handler(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
