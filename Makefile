@@ -20,9 +20,11 @@ demo-s3: $(MAIN_STAMP)
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q
 
+## lint: ruff, and the layer contracts (import-linter, pyproject [tool.importlinter])
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check console flows pipeline models tests bench infra
 	$(BIN)/ruff format --check console flows pipeline models tests bench infra
+	$(BIN)/lint-imports
 
 bench: $(MAIN_STAMP)
 	$(BIN)/mixer-label bench

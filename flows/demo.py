@@ -36,7 +36,7 @@ MODEL_NAME = "mixer-demo-digits"
 PREFECT_PORT = 4200  # Prefect's own default, used when free, so the usual URL works
 RAY_DASHBOARD_PORT = 8265  # Ray's default, likewise
 # Credentials for the loopback S3 server only; moto accepts any, and none is ever printed.
-_MOTO_ENV = {
+MOTO_ENV = {
     "AWS_ACCESS_KEY_ID": "demo-access-key-id",
     "AWS_SECRET_ACCESS_KEY": "demo-secret-access-key",
     "AWS_DEFAULT_REGION": "us-east-1",
@@ -515,10 +515,11 @@ def moto_server(root: Path) -> Iterator[str]:
         )
     try:
         _wait_for_port(port, process, "the S3 API server (moto)")
-        with patched_environ({**_MOTO_ENV, "AWS_ENDPOINT_URL_S3": endpoint}):
-            import boto3
+        with patched_environ({**MOTO_ENV, "AWS_ENDPOINT_URL_S3": endpoint}):
+            from pipeline.storage import StorageOptions
+            from pipeline.storage.s3 import s3_client
 
-            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+            s3_client(StorageOptions(endpoint_url=endpoint)).create_bucket(Bucket=BUCKET)
             yield endpoint
     finally:
         _stop_group(process)

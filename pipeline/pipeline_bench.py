@@ -137,10 +137,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         )
     results: dict[str, Any] = {"machine": _machine(), "args": vars(args)}
     try:
-        import boto3
+        from pipeline.storage.s3 import s3_client
 
         bucket = f"mixer-bench-{int(time.time())}"
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+        s3_client(StorageOptions(endpoint_url=endpoint)).create_bucket(Bucket=bucket)
         storage = open_storage(f"s3://{bucket}", StorageOptions(endpoint_url=endpoint))
         t = time.perf_counter()
         ray.init(

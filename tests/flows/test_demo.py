@@ -12,7 +12,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from flows.demo import _MOTO_ENV, Checks, DemoOptions, run_demo
+from flows.demo import MOTO_ENV, Checks, DemoOptions, run_demo
 
 try:  # the labeling workers need a predictor; without one the demo cannot run at all
     from models.backends import create  # noqa: F401
@@ -92,7 +92,7 @@ def test_s3_demo_reuses_the_model_and_reads_everything_through_s3(demo_root, loc
     assert report.output_uri == "s3://mixer-label-demo/predictions"
     assert all(f.startswith("s3://mixer-label-demo/predictions/date=") for f in report.checks.files)
     assert "copied from s3://mixer-label-demo/predictions/" in output
-    secrets = (_MOTO_ENV["AWS_ACCESS_KEY_ID"], _MOTO_ENV["AWS_SECRET_ACCESS_KEY"])
+    secrets = (MOTO_ENV["AWS_ACCESS_KEY_ID"], MOTO_ENV["AWS_SECRET_ACCESS_KEY"])
     assert not any(s in output for s in secrets)
     for path in report.predictions_dir.glob("*.parquet"):
         metadata = str(pq.read_metadata(path).metadata)
