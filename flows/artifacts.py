@@ -11,11 +11,11 @@ import math
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
-from flows.drift import DriftReport, class_shift_rows
+from flows.drift import DriftReport, PartitionStats, class_shift_rows, trend_rows
 
 # Artifact keys may hold only lowercase letters, digits and dashes; Prefect keeps one history
 # per key, so each output location gets its own.
@@ -50,7 +50,7 @@ def summary_markdown(summary: Mapping[str, Any], drift: DriftReport | None = Non
             lines.append("")
     error_share = f" ({errors / images:.1%})" if images else ""
     lines += [
-        "| | |",
+        "| what | value |",
         "|---|---|",
         f"| images | {_int(images)} |",
         f"| errors | {_int(errors)}{error_share} |",
@@ -71,18 +71,34 @@ def summary_markdown(summary: Mapping[str, Any], drift: DriftReport | None = Non
     if failed_shards:
         lines += ["", "## Failed shards", ""]
         lines += [f"- `{item['shard']}`: {item['error']}" for item in failed_shards]
+    lines += failed_files_markdown(summary)
     return "\n".join(lines) + "\n"
+
+
+def failed_files_markdown(summary: Mapping[str, Any]) -> list[str]:
+    """The first failed images with their reasons, and how many more the Parquet files hold."""
+    failed = summary.get("failed_files") or []
+    if not failed:
+        return []
+    errors = int(summary["errors"])
+    title = f"first {len(failed)} of {errors:,}" if errors > len(failed) else f"{errors:,}"
+    lines = ["", f"## Failed files ({title})", ""]
+    lines += [f"- `{item['file']}` in `{item['shard']}`: {item['error']}" for item in failed]
+    if errors > len(failed):
+        lines += ["", "Every one is a row with an `error` in the Parquet files."]
+    return lines
 
 
 def drift_markdown(drift: DriftReport) -> str:
     """The drift section: PSI and mean score against the previous partition, or why not."""
     previous = drift.previous
     if previous is None:
-        return "## Drift\n\nNo earlier partition to compare with.\n"
+        lines = ["## Drift", "", "No earlier partition to compare with."]
+        return "\n".join(lines + trend_markdown(drift.history)) + "\n"
     lines = [f"## Drift against {previous.date}", ""]
     if drift.psi is None:
         lines.append(f"Not computed: {previous.date} or this night has no labeled image.")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + trend_markdown(drift.history)) + "\n"
     lines += [
         "| | this night | previous | change | threshold |",
         "|---|---|---|---|---|",
@@ -95,21 +111,63 @@ def drift_markdown(drift: DriftReport) -> str:
             f"| {drift.mean_score_change:+.4f} | ±{drift.score_change_threshold:g} |"
         )
     lines += ["", "**Drift warning.**" if drift.drifted else "Within thresholds."]
+    lines += trend_markdown(drift.history)
     return "\n".join(lines) + "\n"
+
+
+def trend_markdown(history: Sequence[PartitionStats]) -> list[str]:
+    """The last nights, newest first: images, error %, mean score, PSI against the night before."""
+    if not history:
+        return []
+
+    def number(value: object, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = [
+        "",
+        f"### Last {len(history)} night(s)",
+        "",
+        "| night | images | error % | mean score | PSI against the night before |",
+        "|---|---|---|---|---|",
+    ]
+    for row in trend_rows(history):
+        lines.append(
+            f"| {row['date']} | {_int(row['images'])} | {number(row['error_pct'], '.2f')} "
+            f"| {number(row['mean_score'], '.4f')} | {number(row['psi'], '.4f')} |"
+        )
+    return lines
 
 
 def class_count_rows(
     class_counts: Mapping[str, int], drift: DriftReport | None = None
 ) -> list[dict[str, object]]:
-    """One row per class, most frequent first; with the previous night's share when known."""
+    """One row per class, most frequent first; the previous night's share and the change in
+    points, None when there is no previous night (or no drift report)."""
     if drift is not None:
         return class_shift_rows(drift)
     total = sum(class_counts.values())
     ordered = sorted(class_counts.items(), key=lambda item: (-item[1], item[0]))
     return [
-        {"class": name, "count": n, "share": round(n / total, 4) if total else 0.0}
+        {
+            "class": name,
+            "count": n,
+            "share": round(n / total, 4) if total else 0.0,
+            "previous_share": None,
+            "change_points": None,
+        }
         for name, n in ordered
     ]
+
+
+def class_table_description(date: str, drift: DriftReport | None) -> str:
+    """The class table's title: which night its previous_share column is from, if any."""
+    previous = drift.previous if drift is not None else None
+    if previous is None or not previous.images:
+        return f"Predicted classes on {date} (no earlier night to compare with)"
+    return (
+        f"Predicted classes on {date}: share, the share on {previous.date} (previous_share) "
+        "and the change in percentage points"
+    )
 
 
 def publish_run_artifacts(
@@ -136,7 +194,7 @@ def publish_run_artifacts(
         ids["class_counts"] = create_table_artifact(
             table=rows,
             key=artifact_key("class-counts", output),
-            description=f"Predicted classes on {date}, with the previous partition's share",
+            description=class_table_description(date, drift),
         )
     return ids
 

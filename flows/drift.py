@@ -9,13 +9,14 @@ a moderate shift, > 0.25 a large one.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 # A class absent on one night would make ln(p / q) infinite; smooth empty shares with this.
 EPSILON = 1e-4
 PSI_THRESHOLD = 0.2
 SCORE_CHANGE_THRESHOLD = 0.05
+TREND_PARTITIONS = 14  # nights in the drift trend table
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,17 @@ class PartitionStats:
     date: str
     class_counts: Mapping[str, int]
     mean_score: float | None  # None when the partition has no labeled image
+    errors: int = 0  # rows that could not be labeled
 
     @property
     def images(self) -> int:
+        """Labeled images (error rows not counted)."""
         return sum(self.class_counts.values())
+
+    @property
+    def rows(self) -> int:
+        """Every image of the night: labeled ones and error rows."""
+        return self.images + self.errors
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,8 @@ class DriftReport:
     psi_threshold: float = PSI_THRESHOLD
     score_change_threshold: float = SCORE_CHANGE_THRESHOLD
     warnings: tuple[str, ...] = field(default=())
+    # The latest partitions, this night first: the trend table (empty when not read).
+    history: tuple[PartitionStats, ...] = field(default=())
 
     @property
     def drifted(self) -> bool:
@@ -101,18 +111,49 @@ def compare(
 
 
 def class_shift_rows(report: DriftReport) -> list[dict[str, object]]:
-    """Per class: count and share tonight, share the previous night, and the change in points."""
+    """Per class: count and share tonight, share the previous night, and the change in points.
+
+    The previous night's columns are always there (None without a previous night), so the
+    table has the same columns every night.
+    """
     current = report.current
     previous = report.previous
+    if previous is not None and not previous.images:
+        previous = None
     classes = set(current.class_counts) | set(previous.class_counts if previous else {})
     rows = []
     for name in sorted(classes, key=lambda c: (-current.class_counts.get(c, 0), c)):
         count = current.class_counts.get(name, 0)
         share = count / current.images if current.images else 0.0
         row: dict[str, object] = {"class": name, "count": count, "share": round(share, 4)}
-        if previous is not None and previous.images:
+        row["previous_share"] = row["change_points"] = None
+        if previous is not None:
             before = previous.class_counts.get(name, 0) / previous.images
             row["previous_share"] = round(before, 4)
             row["change_points"] = round(100 * (share - before), 2)
         rows.append(row)
+    return rows
+
+
+def trend_rows(history: Sequence[PartitionStats]) -> list[dict[str, object]]:
+    """One row per night, newest first: images, error %, mean score, PSI against the row below.
+
+    PSI compares each night with the next older partition in `history` (a skipped night is
+    bridged); None where either has no labeled image, or for the oldest night shown.
+    """
+    rows = []
+    for i, night in enumerate(history):
+        older = history[i + 1] if i + 1 < len(history) else None
+        index = None
+        if older is not None and older.images and night.images:
+            index = round(psi(night.class_counts, older.class_counts), 4)
+        rows.append(
+            {
+                "date": night.date,
+                "images": night.rows,
+                "error_pct": round(100 * night.errors / night.rows, 2) if night.rows else None,
+                "mean_score": None if night.mean_score is None else round(night.mean_score, 4),
+                "psi": index,
+            }
+        )
     return rows

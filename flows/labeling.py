@@ -104,15 +104,18 @@ def run_summary(plan: ShardPlan, config: Any) -> Any:
 
 @task(name="compare-with-previous-night", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def drift_report(config: Any, date: str) -> DriftReport | None:
-    """This night's partition against the latest earlier one: class PSI and mean score change."""
-    from flows.partitions import previous_partition_stats, read_partition_stats
+    """This night's partition against the latest earlier one, and the trend of the last nights."""
+    import dataclasses
+
+    from flows.partitions import previous_in, recent_partition_stats
     from pipeline.storage import StorageOptions, open_storage
 
     storage = open_storage(config.output_uri, StorageOptions(endpoint_url=config.s3_endpoint_url))
-    current = read_partition_stats(storage, config.output_uri, date)
-    if current is None:
+    history = recent_partition_stats(storage, config.output_uri, date)
+    if not history or history[0].date != date:
         return None
-    report = compare(current, previous_partition_stats(storage, config.output_uri, date))
+    report = compare(history[0], previous_in(history, date))
+    report = dataclasses.replace(report, history=tuple(history))
     for warning in report.warnings:
         get_run_logger().warning("DRIFT: %s", warning)
     return report

@@ -53,6 +53,7 @@ class PlannedShard:
     shard: object  # pipeline.shards.Shard
     output_uri: str
     skip_reason: str | None = None
+    found: dict[str, str] | None = None  # the footer metadata of the output that is done
 
 
 @dataclass(frozen=True)
@@ -116,11 +117,15 @@ def plan_shards(
     for shard in shards:
         output_uri = out.join(partition, f"{shard.name}.parquet")
         info = existing.pop(output_uri, None)
-        skip = None if info is None else _done_reason(out, info, shard, model_sha256)
-        yield PlannedShard(shard, output_uri, skip)
+        found = None if info is None else _done_metadata(out, info, shard, model_sha256)
+        yield PlannedShard(shard, output_uri, DONE_REASON if found else None, found)
 
 
-def _done_reason(storage, info, shard, model_sha256: str) -> str | None:
+DONE_REASON = "done: output has the same input ETag and model sha256"
+
+
+def _done_metadata(storage, info, shard, model_sha256: str) -> dict[str, str] | None:
+    """The output's footer metadata when it is done for this input and model, else None."""
     try:
         metadata = read_file_metadata(storage, info.uri, info.size)
     except Exception as err:  # a torn or foreign file is redone, not trusted
@@ -130,7 +135,7 @@ def _done_reason(storage, info, shard, model_sha256: str) -> str | None:
         return None
     if metadata.get("model_sha256") != model_sha256:
         return None
-    return "done: output has the same input ETag and model sha256"
+    return metadata
 
 
 def label_shards(
@@ -195,7 +200,17 @@ def label_shards(
 def _as_work(planned: Iterable[PlannedShard]) -> Iterator[Work | ShardResult]:
     for item in planned:
         if item.skip_reason:
-            yield ShardResult(item.shard, item.output_uri, skipped=True, error=item.skip_reason)
+            # The backend that wrote the output found, so a rerun that skips everything can
+            # still say what made its partition.
+            found = item.found or {}
+            yield ShardResult(
+                item.shard,
+                item.output_uri,
+                skipped=True,
+                error=item.skip_reason,
+                backend=found.get("backend") or None,
+                precision=found.get("precision") or None,
+            )
         else:
             yield Work(item.shard, item.output_uri)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+FAILED_FILES_LISTED = 20  # failed images a summary names (the Parquet error rows hold all)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ class ShardResult:
     output_uri: str
     images: int = 0
     errors: int = 0  # error rows (images that could not be labeled), not a failed shard
+    # The first error rows: {"file": key, "shard": name, "error": reason}
+    failed_files: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     class_counts: dict[str, int] = field(default_factory=dict)
     skipped: bool = False
@@ -116,6 +119,7 @@ class RunSummary:
     shards_skipped: int = 0
     shards_failed: int = 0
     failed_shards: list[dict[str, str]] = field(default_factory=list)
+    failed_files: list[dict[str, str]] = field(default_factory=list)  # the first error rows
     class_counts: dict[str, int] = field(default_factory=dict)
     partition_uri: str = ""  # output_uri/date=YYYY-MM-DD, where the Parquet files are
     actors: int = 0
@@ -137,19 +141,24 @@ class RunSummary:
         """Fold one shard's result into the totals."""
         if result.skipped:
             self.shards_skipped += 1
+            if not self.shards_done:  # until a shard is labeled: what made the outputs found
+                self.backend = self.backend or result.backend
+                self.precision = self.precision or result.precision
             return
         if result.failed:
             self.shards_failed += 1
             self.failed_shards.append({"shard": result.shard.name, "error": result.error or ""})
             return
+        if not self.shards_done:  # the backend of this run, not of the outputs it found
+            self.backend, self.precision = result.backend, result.precision
         self.shards_done += 1
         self.images += result.images
         self.shard_seconds += result.seconds
         self.model_seconds += result.model_seconds
         self.wait_seconds += result.wait_seconds
         self.errors += result.errors
-        self.backend = self.backend or result.backend
-        self.precision = self.precision or result.precision
+        room = FAILED_FILES_LISTED - len(self.failed_files)
+        self.failed_files.extend(result.failed_files[: max(0, room)])
         for name, count in result.class_counts.items():
             self.class_counts[name] = self.class_counts.get(name, 0) + count
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.runspec import ShardResult
+from pipeline.runspec import FAILED_FILES_LISTED, ShardResult
 from pipeline.writer import ShardTable, to_parquet_bytes
 
 
@@ -120,6 +120,7 @@ class ShardLabeler:
             output_uri=output_uri,
             images=len(table),
             errors=table.error_count(),
+            failed_files=table.failed_files(FAILED_FILES_LISTED),
             seconds=time.perf_counter() - start,
             class_counts=table.class_counts(),
             backend=self.predictor.name,

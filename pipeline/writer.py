@@ -8,6 +8,7 @@ and is what resume reads back (from the footer alone) to decide that a shard is 
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 from collections.abc import Mapping, Sequence
 
@@ -96,6 +97,15 @@ class ShardTable:
 
     def error_count(self) -> int:
         return sum(error is not None for error in self.errors)
+
+    def failed_files(self, limit: int) -> list[dict[str, str]]:
+        """The first `limit` error rows as {"file", "shard", "error"}, in input order."""
+        failed = (
+            {"file": key, "shard": self.shard_name, "error": error}
+            for key, error in zip(self.keys, self.errors, strict=True)
+            if error is not None
+        )
+        return list(itertools.islice(failed, limit))
 
     def class_counts(self) -> dict[str, int]:
         """Top-1 label name → rows, for the run summary."""

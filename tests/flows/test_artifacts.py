@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from flows.artifacts import (
     artifact_key,
     class_count_rows,
+    class_table_description,
     drift_markdown,
     redact_uri,
     summary_markdown,
@@ -31,6 +33,7 @@ SUMMARY = {
     "shards_skipped": 1,
     "shards_failed": 0,
     "failed_shards": [],
+    "failed_files": [],
     "class_counts": {"cat": 700, "dog": 497},
 }
 
@@ -61,6 +64,24 @@ def test_summary_names_counts_speed_model_backend_and_output():
     ):
         assert expected in text, expected
     assert "DRIFT" not in text
+    # Every table's header row names its columns: no empty header cells.
+    lines = text.splitlines()
+    header_rows = [lines[i - 1] for i, line in enumerate(lines) if line.startswith("|---")]
+    assert header_rows and all("| |" not in row and "||" not in row for row in header_rows)
+    assert "Failed files" not in text
+
+
+def test_summary_names_the_first_failed_files_with_their_reasons():
+    failed = [
+        {"file": f"img-{i:04d}.jpg", "shard": "train-000001", "error": "truncated JPEG"}
+        for i in range(20)
+    ]
+    text = summary_markdown({**SUMMARY, "errors": 53, "failed_files": failed})
+    assert "## Failed files (first 20 of 53)" in text
+    assert "- `img-0000.jpg` in `train-000001`: truncated JPEG" in text
+    assert "- `img-0019.jpg` in `train-000001`: truncated JPEG" in text
+    few = summary_markdown({**SUMMARY, "errors": 2, "failed_files": failed[:2]})
+    assert "## Failed files (2)" in few and "img-0002" not in few
 
 
 def test_summary_lists_failed_shards_and_puts_drift_warnings_at_the_top():
@@ -98,13 +119,41 @@ def test_drift_section_of_a_stable_night_shows_psi_and_scores():
     assert text.rstrip().endswith("Within thresholds.")
 
 
+def test_drift_section_ends_with_the_trend_of_the_last_nights():
+    history = (
+        PartitionStats("2024-05-02", {"cat": 90, "dog": 10}, 0.6, errors=2),
+        PartitionStats("2024-05-01", {"cat": 50, "dog": 50}, 0.8),
+    )
+    drift = dataclasses.replace(compare(history[0], history[1]), history=history)
+    lines = drift_markdown(drift).splitlines()
+    start = lines.index("### Last 2 night(s)")
+    assert lines[start + 2] == (
+        "| night | images | error % | mean score | PSI against the night before |"
+    )
+    assert lines[start + 4].startswith("| 2024-05-02 | 102 | 1.96 | 0.6000 | 0.")
+    assert lines[start + 5] == "| 2024-05-01 | 100 | 0.00 | 0.8000 | - |"
+    # The first night has no earlier one, and still shows its trend row.
+    first = drift_markdown(dataclasses.replace(compare(history[0], None), history=history[:1]))
+    assert "No earlier partition" in first and "| 2024-05-02 | 102 |" in first
+
+
 def test_class_count_rows_most_frequent_first_with_shares():
     rows = class_count_rows({"b": 1, "a": 3})
+    empty = {"previous_share": None, "change_points": None}
     assert rows == [
-        {"class": "a", "count": 3, "share": 0.75},
-        {"class": "b", "count": 1, "share": 0.25},
+        {"class": "a", "count": 3, "share": 0.75, **empty},
+        {"class": "b", "count": 1, "share": 0.25, **empty},
     ]
     assert class_count_rows({}) == []
+
+
+def test_class_table_title_names_the_night_its_previous_share_is_from():
+    current, previous = PartitionStats("d2", {"a": 1}, 0.5), PartitionStats("d1", {"a": 2}, 0.5)
+    assert "share on d1 (previous_share)" in class_table_description(
+        "d2", compare(current, previous)
+    )
+    assert "no earlier night" in class_table_description("d2", compare(current, None))
+    assert "no earlier night" in class_table_description("d2", None)
 
 
 def test_shard_progress_throttles_but_always_reports_the_last_shard(prefect_server):

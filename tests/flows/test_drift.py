@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from flows.drift import PartitionStats, class_shift_rows, compare, psi, shares
+from flows.drift import PartitionStats, class_shift_rows, compare, psi, shares, trend_rows
 
 
 def stats(date: str, counts: dict[str, int], mean: float | None = 0.8) -> PartitionStats:
@@ -79,6 +79,33 @@ def test_class_shift_rows_sort_by_count_and_show_the_change_in_points():
     assert rows[2]["count"] == 0 and rows[2]["change_points"] == -50.0
 
 
-def test_class_shift_rows_without_previous_have_no_previous_columns():
+def test_class_shift_rows_without_previous_keep_the_previous_columns_empty():
     rows = class_shift_rows(compare(stats("d2", {"a": 2}), None))
-    assert rows == [{"class": "a", "count": 2, "share": 1.0}]
+    assert rows == [
+        {"class": "a", "count": 2, "share": 1.0, "previous_share": None, "change_points": None}
+    ]
+
+
+def test_trend_rows_newest_first_with_error_share_and_psi_against_the_night_before():
+    history = [
+        PartitionStats("2024-05-03", {"a": 90, "b": 10}, 0.6, errors=10),
+        PartitionStats("2024-05-02", {"a": 50, "b": 50}, 0.8),
+        PartitionStats("2024-04-29", {}, None, errors=4),  # every image failed that night
+        PartitionStats("2024-04-28", {"a": 50, "b": 50}, 0.8),
+    ]
+    rows = trend_rows(history)
+    assert [r["date"] for r in rows] == ["2024-05-03", "2024-05-02", "2024-04-29", "2024-04-28"]
+    assert rows[0]["images"] == 110 and rows[0]["error_pct"] == pytest.approx(9.09)
+    assert rows[0]["mean_score"] == 0.6
+    assert rows[0]["psi"] == pytest.approx(psi({"a": 90, "b": 10}, {"a": 50, "b": 50}), abs=1e-4)
+    assert rows[0]["psi"] > 0.2
+    # Against a night with no labeled image, and for the oldest night, there is no PSI.
+    assert rows[1]["psi"] is None and rows[2]["psi"] is None and rows[3]["psi"] is None
+    assert rows[2] == {
+        "date": "2024-04-29",
+        "images": 4,
+        "error_pct": 100.0,
+        "mean_score": None,
+        "psi": None,
+    }
+    assert trend_rows([]) == []

@@ -243,10 +243,18 @@ def test_api_run_like_the_run_button_writes_parquet_and_artifacts(served, labeli
     assert success["model_sha256"] in summary and str(partition) in summary
     assert "## Drift against 2024-05-01" in summary
     assert "DRIFT WARNING:** mean score moved" in summary  # last night: all 0.99
+    assert "| what | value |\n|---|---|" in summary and "| | |\n|---" not in summary
+    # The trend of the nights found: this one and the previous, with PSI between them.
+    assert "### Last 2 night(s)" in summary
+    assert f"| 2024-05-02 | {SHARDS * IMAGES_PER_SHARD} | 0.00 |" in summary
+    assert "| 2024-05-01 | 20 | 0.00 | 0.9900 | - |" in summary
     rows = artifacts["table"].data
     rows = json.loads(rows) if isinstance(rows, str) else rows
     assert sum(row["count"] for row in rows) == SHARDS * IMAGES_PER_SHARD
-    assert {"previous_share", "change_points"} <= set(rows[0])
+    assert all(row["previous_share"] is not None for row in rows)
+    nine = next(row for row in rows if row["previous_share"] == 1.0)  # last night: all 9
+    assert nine["change_points"] == round(100 * (nine["share"] - 1.0), 2)
+    assert "share on 2024-05-01 (previous_share)" in artifacts["table"].description
     assert float(artifacts["progress"].data) == 100.0
     assert f"{SHARDS}/{SHARDS} shards finished" in artifacts["progress"].description
     # Logs arrive in batches after the state; give the last batch a moment.

@@ -109,6 +109,10 @@ def test_every_image_exactly_once_broken_ones_as_error_rows(
     assert by_key["img-000007"]["true_label"] == 7
     errors = sum(r["error"] is not None for r in rows)
     assert summary["images"] == len(expected) and summary["errors"] == errors
+    # The summary names the first failed files with their reasons, as the rows have them.
+    named = {f["file"]: (f["shard"], f["error"]) for f in summary["failed_files"]}
+    assert len(named) == min(errors, 20) > 0
+    assert all(named[k] == (by_key[k]["shard"], by_key[k]["error"]) for k in named)
     assert summary["shards_done"] == 5 and summary["shards_failed"] == 0
     assert sum(summary["class_counts"].values()) == len(expected) - errors
     objects = _outputs(s3_bucket)
@@ -145,6 +149,9 @@ def test_second_run_writes_nothing_and_force_or_a_new_model_relabels(
 
     again = run_labeling(config)
     assert (again.shards_skipped, again.shards_done, again.images) == (3, 0, 0)
+    # It says which model, sha256 and backend made the outputs it found.
+    assert (again.model, again.model_sha256) == (first.model, first.model_sha256)
+    assert first.backend and (again.backend, again.precision) == (first.backend, first.precision)
     assert _outputs(s3_bucket) == before  # not one object written or rewritten
 
     forced = run_labeling(config.replace(force=True))

@@ -86,6 +86,18 @@ def test_class_counts_and_error_count() -> None:
     assert len(table) == 3
 
 
+def test_failed_files_name_the_first_error_rows_in_input_order() -> None:
+    table = ShardTable("shard-000002", LABELS)
+    errors = [None, "truncated", None, "not an image", "too large"]
+    top = np.zeros((2, 1))
+    table.add_rows(list("abcde"), errors, [None] * 5, top, top)
+    assert table.failed_files(2) == [
+        {"file": "b", "shard": "shard-000002", "error": "truncated"},
+        {"file": "d", "shard": "shard-000002", "error": "not an image"},
+    ]
+    assert len(table.failed_files(20)) == 3
+
+
 def test_rejects_predictions_that_do_not_match_rows() -> None:
     table = ShardTable("s", LABELS)
     with pytest.raises(ValueError, match="2 predictions for 1 rows"):
