@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import time
 
 from console.errors import PARTLY_FAILED, UsageError
 
@@ -75,15 +73,16 @@ def config_from_args(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
+    from console.progress import ProgressBar
     from pipeline.run import run_labeling
 
     config = config_from_args(args)
-    progress = Progress(enabled=not args.no_progress)
+    progress = ProgressBar(enabled=not args.no_progress)
     # A RunError, PoolError or StorageError (the listing or the summary write broke mid-run)
     # becomes one line in console.errors. Finished shards are complete files; running the
     # same command again resumes after them.
     try:
-        summary = run_labeling(config, on_shard_done=progress.shard_done)
+        summary = run_labeling(config, on_progress=progress)
     finally:
         progress.close()
     if args.json:
@@ -91,32 +90,6 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(format_summary(summary.to_dict()))
     return 0 if summary.ok else PARTLY_FAILED
-
-
-class Progress:
-    """A tqdm bar on stderr: shards finished (the total grows while listing) and images/s."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        self._bar = None
-        self._start = time.monotonic()
-        self.images = 0
-        if enabled:
-            from tqdm import tqdm
-
-            self._bar = tqdm(unit="shard", desc="labeling", file=sys.stderr, dynamic_ncols=True)
-
-    def shard_done(self, result) -> None:
-        self.images += result.images
-        if self._bar is None:
-            return
-        rate = self.images / max(1e-9, time.monotonic() - self._start)
-        state = "failed" if result.failed else "skipped" if result.skipped else "ok"
-        self._bar.set_postfix_str(f"{self.images:,} images, {rate:,.1f} img/s, last {state}")
-        self._bar.update(1)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 def format_summary(summary: dict) -> str:

@@ -93,11 +93,9 @@ def run_summary(plan: ShardPlan, config: Any) -> Any:
     from flows.artifacts import ShardProgress
     from pipeline.run import label_shards, ray_session, write_summary
 
-    progress = ShardProgress(len(plan.shards), config.output_uri)
+    progress = ShardProgress(len(plan.shards), config.output_uri, logger=get_run_logger())
     with ray_session(config.ray_address):
-        summary = label_shards(
-            plan.shards, config, on_shard_done=progress.shard_done, model=plan.model
-        )
+        summary = label_shards(plan.shards, config, model=plan.model, on_progress=progress)
     write_summary(config, plan.partition_uri, summary)
     return summary
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.pool import Feed, ShardPool, Work, plan_actors
+from pipeline.progress import ProgressCallback, ProgressTracker
 from pipeline.runspec import RunConfig, RunSummary, ShardResult
 from pipeline.workers import WorkerSpec
 from pipeline.writer import read_file_metadata
@@ -146,8 +147,13 @@ def label_shards(
     model: ModelIdentity | None = None,
     run_id: str | None = None,
     started: float | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> RunSummary:
-    """Label the planned shards on a pool of actors sized from the connected Ray cluster."""
+    """Label the planned shards on a pool of actors sized from the connected Ray cluster.
+
+    `on_shard_done` gets each ShardResult; `on_progress` a ProgressEvent (images done and
+    total, rate, ETA) after each shard and when the listing ends.
+    """
     import ray
 
     started = time.monotonic() if started is None else started
@@ -179,16 +185,19 @@ def label_shards(
     plans = plan_actors(ray.nodes(), config.actors)
     summary.actors = len(plans)
     pool = ShardPool(spec, plans, max_attempts=config.max_attempts)
-    feed = Feed(_as_work(planned))
+    tracker = ProgressTracker([on_progress])
+    feed = Feed(_as_work(tracker.track(planned)))
     try:
         for result in pool.run(feed):
             summary.add(result)
+            tracker.finished(result)
             if result.started_at is not None:
                 since = max(0.0, result.started_at - started_epoch)
                 first = summary.first_shard_started_s
                 summary.first_shard_started_s = since if first is None else min(first, since)
             if on_shard_done is not None:
                 on_shard_done(result)
+        tracker.end()
     finally:
         feed.close()
         pool.close()
@@ -216,7 +225,9 @@ def _as_work(planned: Iterable[PlannedShard]) -> Iterator[Work | ShardResult]:
 
 
 def run_labeling(
-    config: RunConfig, on_shard_done: Callable[[ShardResult], None] | None = None
+    config: RunConfig,
+    on_shard_done: Callable[[ShardResult], None] | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> RunSummary:
     """The whole run: check everything, label every shard not done yet, write the summary."""
     started = time.monotonic()
@@ -225,7 +236,13 @@ def run_labeling(
     planned = plan_shards(config, model.sha256, first_shards)
     with ray_session(config.ray_address):
         summary = label_shards(
-            planned, config, on_shard_done, model=model, run_id=new_run_id(), started=started
+            planned,
+            config,
+            on_shard_done,
+            model=model,
+            run_id=new_run_id(),
+            started=started,
+            on_progress=on_progress,
         )
     write_summary(config, partition, summary)
     return summary

@@ -156,33 +156,64 @@ def test_class_table_title_names_the_night_its_previous_share_is_from():
     assert "no earlier night" in class_table_description("d2", None)
 
 
-def test_shard_progress_throttles_but_always_reports_the_last_shard(prefect_server):
-    from types import SimpleNamespace
+def test_shard_progress_throttles_but_always_reports_the_end_and_logs_each_shard(
+    prefect_server,
+):
+    import logging
 
     from prefect import flow
     from prefect.client.orchestration import get_client
 
     from flows.artifacts import ShardProgress
+    from pipeline.progress import ProgressTracker
+    from pipeline.runspec import ShardResult
+    from pipeline.shards import Shard
 
     def progress_artifact(artifact_id):
         with get_client(sync_client=True) as client:
             (artifact,) = [a for a in client.read_artifacts() if a.id == artifact_id]
         return artifact
 
+    class Lines(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(f"{record.levelname} {record.getMessage()}")
+
+    logger = logging.getLogger("test-shard-progress")
+    handler = Lines()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    shards = [
+        Shard(f"in#s{i}", f"s{i}", "e", 4000, "images", tuple(f"{i}-{j}.jpg" for j in range(4)))
+        for i in range(3)
+    ]
+
     @flow
     def three_shards() -> list:
-        progress = ShardProgress(3, "s3://labels/progress-test", min_interval_s=600)
+        progress = ShardProgress(3, "s3://labels/progress-test", logger, min_interval_s=600)
+        tracker = ProgressTracker([progress])
         seen = [progress_artifact(progress.artifact_id)]
-        progress.shard_done(SimpleNamespace(images=0, skipped=True, failed=False))
-        progress.shard_done(SimpleNamespace(images=0, skipped=False, failed=True))
+        for shard in shards:
+            tracker.listed(shard, skipped=shard is shards[0])
+        tracker.listing_done()
+        tracker.finished(ShardResult(shards[0], "o", skipped=True))
+        tracker.finished(ShardResult(shards[1], "o", failed=True, error="gone"))
         # The first update went through; the second fell inside the interval.
         seen.append(progress_artifact(progress.artifact_id))
-        progress.shard_done(SimpleNamespace(images=5, skipped=False, failed=False))
+        tracker.finished(ShardResult(shards[2], "o", images=4, errors=1, started_at=1.0))
+        tracker.end()
         return [*seen, progress_artifact(progress.artifact_id)]
 
     start, first, last = three_shards()
-    assert float(start.data) == 0.0
-    assert round(float(first.data), 1) == 33.3
-    assert first.description.startswith("1/3 shards finished (1 already done)")
+    assert float(start.data) == 0.0 and start.description == "starting: 3 shards planned"
+    assert first.description.startswith("0/8 images, 1/3 shards (1 already done)")
     assert float(last.data) == 100.0
-    assert last.description == "3/3 shards finished (1 already done), 1 failed, 5 images labeled"
+    # The failed shard left the image total: a finished run ends at 100%.
+    assert last.description.startswith("4/4 images, 3/3 shards (1 already done), 1 failed")
+    assert "1 error," in last.description and last.description.endswith("ETA 0 s")
+    assert handler.lines[0] == "WARNING shard 1/2: FAILED s1: gone"
+    assert re.fullmatch(r"INFO shard 2/2: 4 images, 1 error, [\d,]+ img/s \(s2\)", handler.lines[1])
+    assert len(handler.lines) == 2  # the skipped shard is counted, not logged

@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -256,12 +257,18 @@ def test_api_run_like_the_run_button_writes_parquet_and_artifacts(served, labeli
     assert nine["change_points"] == round(100 * (nine["share"] - 1.0), 2)
     assert "share on 2024-05-01 (previous_share)" in artifacts["table"].description
     assert float(artifacts["progress"].data) == 100.0
-    assert f"{SHARDS}/{SHARDS} shards finished" in artifacts["progress"].description
+    images = SHARDS * IMAGES_PER_SHARD
+    progress = artifacts["progress"].description
+    assert progress.startswith(f"{images}/{images} images, {SHARDS}/{SHARDS} shards, 0 errors")
     # Logs arrive in batches after the state; give the last batch a moment.
     deadline = time.monotonic() + 15
     while "DRIFT: mean score moved" not in run_logs(run.id) and time.monotonic() < deadline:
         time.sleep(1)
-    assert "DRIFT: mean score moved" in run_logs(run.id)
+    logs = run_logs(run.id)
+    assert "DRIFT: mean score moved" in logs
+    # One line per labeled shard in the flow run's logs, numbered in the order they finished.
+    shard_lines = re.findall(rf"shard (\d+)/{SHARDS}: {IMAGES_PER_SHARD} images, 0 errors, ", logs)
+    assert sorted(int(n) for n in shard_lines) == list(range(1, SHARDS + 1)), logs
 
 
 def test_a_missing_input_folder_fails_the_run_with_a_readable_message(served, labeling_data):
