@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.backends.torch_backend import CudaGraphed, _compile  # noqa: E402
 from models.backends.torch_fused import FusedMixer  # noqa: E402
+from models.backends.torch_helpers import CudaGraphed, compile_frozen  # noqa: E402
 from models.measure import agreement, synthetic_images  # noqa: E402
 from models.mixer import build_preset  # noqa: E402
 
@@ -87,7 +87,7 @@ def build_variant(name: str, model, example: torch.Tensor):
     if name.startswith("fused-eager"):
         return CudaGraphed(fused, example)
     if name.startswith("fused-compiled"):
-        return CudaGraphed(_compile(fused, example), example)
+        return CudaGraphed(compile_frozen(fused, example), example)
     if name == "fused-autotune":
         compiled = torch.compile(fused, mode="max-autotune-no-cudagraphs", fullgraph=True)
         with inductor_config.patch(freezing=True), torch.inference_mode():

@@ -87,8 +87,9 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
     import torch
 
     from models.backends import BackendError
-    from models.backends.auto import cpu_info, gpu_info, resolve_device
-    from models.backends.torch_backend import configure_threads
+    from models.backends.auto import resolve_device
+    from models.backends.hardware import cpu_info, gpu_info
+    from models.backends.torch_helpers import configure_threads
     from models.checkpoints import resolve_model
     from models.measure import (
         gemm_ceiling,

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from models.backends.calibration import synthetic_images
+
 TIMM_NAMES = {  # (patch, hidden, blocks) -> timm model of that geometry at 224 px
     (32, 512, 8): "mixer_s32_224",
     (16, 512, 8): "mixer_s16_224",
@@ -92,7 +94,7 @@ def gemm_rate(
     a dynamically quantized Linear (activation quantization included). int8 on CUDA:
     torch._int_mm.
     """
-    from models.backends.torch_backend import quantize_linears
+    from models.backends.torch_helpers import quantize_linears
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=generator)
@@ -216,15 +218,6 @@ def agreement(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, float]
         "min_cosine": float(cosine.min()),
         "mean_cosine": float(cosine.mean()),
     }
-
-
-def synthetic_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
-    """Smooth, image-like normalized inputs in [-1, 1]: upsampled low-resolution noise."""
-    generator = torch.Generator().manual_seed(seed)
-    low = torch.rand(count, 3, max(2, size // 8), max(2, size // 8), generator=generator)
-    images = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
-    detail = 0.1 * torch.randn(count, 3, size, size, generator=generator)
-    return (2 * images - 1 + detail).clamp(-1, 1).contiguous()
 
 
 def load_inputs(path: str | Path, size: int) -> torch.Tensor:

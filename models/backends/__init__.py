@@ -10,30 +10,22 @@ Backends, one file each: torch (CPU fp32/bf16/int8, CUDA fp32/bf16/fp16), onnxru
 
 from __future__ import annotations
 
-import inspect
 import logging
 from pathlib import Path
 
-from models.backends.auto import Choice, choose
+from models.backends.auto import Choice, backends_present, choose, resolve_device
 from models.backends.base import PRECISIONS, BackendError, Predictor
 from models.backends.cache import CacheStore, LocalCacheStore
+from models.backends.factory import OPTIONS, check_options, make_predictor
+from models.backends.hardware import cpu_info, runtimes
 from models.mixer import MlpMixer
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-OPTIONS = {
-    "batch_size",
-    "threads",
-    "compile",
-    "cuda_graphs",
-    "cache_dir",
-    "cache_store",
-    "max_batch_size",
-    "workspace_gib",
-}
 log = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS",
+    "OPTIONS",
     "PRECISIONS",
     "BackendError",
     "CacheStore",
@@ -48,22 +40,8 @@ __all__ = [
 
 def available_backends(device: str = "cpu") -> tuple[str, ...]:
     """The backends that can run on `device` in this install, in order of preference."""
-    from models.backends.onnxruntime_backend import providers_available
-
-    on_gpu = device.startswith("cuda")
-    found = ["torch"]
-    providers = providers_available()
-    if ("CUDAExecutionProvider" if on_gpu else "CPUExecutionProvider") in providers:
-        found.append("onnxruntime")
-    if on_gpu:
-        from models.backends.tensorrt_backend import import_tensorrt
-
-        try:
-            import_tensorrt()
-            found.append("tensorrt")
-        except BackendError:
-            pass
-    return tuple(found)
+    device = resolve_device(device)
+    return backends_present(device, runtimes(device))
 
 
 def create(
@@ -99,36 +77,19 @@ def create(
         choice.device,
         choice.reason,
     )
-    unknown = set(options) - OPTIONS
-    if unknown:
-        raise ValueError(f"unknown predictor option(s) {sorted(unknown)}; known: {sorted(OPTIONS)}")
-    if choice.backend == "torch":
-        from models.backends.torch_backend import TorchPredictor as cls
-    elif choice.backend == "onnxruntime":
-        from models.backends.onnxruntime_backend import OnnxRuntimePredictor as cls
-    else:
-        from models.backends.tensorrt_backend import TensorRTPredictor as cls
-    # Options are shared across backends (a caller sets cache_dir once); each takes its own.
-    accepted = inspect.signature(cls.__init__).parameters
-    kwargs = {k: v for k, v in options.items() if k in accepted and v is not None}
-    if owned and "release_source" in accepted:
-        kwargs["release_source"] = True  # nobody else holds the fp32 weights loaded here
-    predictor = cls(model, choice.precision, choice.device, **kwargs)
-    if precision == "auto" and _dynamic_int8(predictor) and not model.stem.weight.is_meta:
-        # auto chose int8 for its static path; dynamically quantized it runs about a third of
-        # bf16's speed, so take bf16 (the rule's next choice on every CPU with AMX int8).
+    check_options(options)
+    predictor = make_predictor(model, choice, options, owned)
+    static_expected = cpu_info().native_bf16  # else the rule chose dynamic int8
+    weights_left = not model.stem.weight.is_meta
+    if precision == "auto" and predictor.int8_dynamic and static_expected and weights_left:
+        # auto chose int8 for its static path; dynamically quantized it runs slower than
+        # native bf16, so take bf16 (the rule's next choice on every CPU with AMX int8).
+        reason = f"{choice.reason}; static int8 unavailable, bf16 instead"
+        fallback = Choice(choice.backend, "bf16", choice.device, reason)
         try:
-            fallback = cls(model, "bf16", choice.device, **kwargs)
+            predictor = make_predictor(model, fallback, options, owned)
         except BackendError as err:
             log.warning("static int8 unavailable, and bf16 failed too (%s): dynamic int8", err)
         else:
             log.warning("static int8 unavailable (see above): auto falls back to bf16")
-            reason = f"{choice.reason}; static int8 unavailable, bf16 instead"
-            choice = Choice(choice.backend, "bf16", choice.device, reason)
-            predictor = fallback
-    predictor.choice = choice
     return predictor
-
-
-def _dynamic_int8(predictor: Predictor) -> bool:
-    return str(getattr(predictor, "int8_engine", "")).startswith("dynamic")

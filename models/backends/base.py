@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from models.backends.auto import Choice
 from models.mixer import MixerConfig, MlpMixer
 from models.preprocessing import Preprocessing
 
@@ -29,6 +30,12 @@ class Predictor(ABC):
     device: str  # "cpu" or "cuda:N"
     preferred_batch_size: int  # the batch size this predictor runs fastest per image
     max_batch_size: int | None = None  # larger batches are split (TensorRT's profile max)
+    choice: Choice | None = None  # how create() resolved backend/precision/device, and why
+    compiled: bool = False  # torch: compiled (AOT package or torch.compile)
+    aot: bool = False  # torch on CPU: an AOTInductor package (aot_package.py)
+    aot_info: dict[str, object] | None = None  # that package's key and where it came from
+    int8_engine: str | None = None  # int8 only: which quantized path runs
+    int8_dynamic: bool = False  # int8 only: activations quantized per batch, nothing fused
 
     def __init__(self, model: MlpMixer) -> None:
         self.config: MixerConfig = model.config
@@ -73,7 +80,7 @@ class Predictor(ABC):
 
     def describe(self) -> dict[str, object]:
         """What ran: backend, precision, device, batch size, model (for logs and metadata)."""
-        return {
+        described: dict[str, object] = {
             "backend": self.name,
             "precision": self.precision,
             "device": self.device,
@@ -81,6 +88,9 @@ class Predictor(ABC):
             "model": self.model_name,
             "sha256": self.sha256,
         }
+        if self.precision == "int8" and self.int8_engine:
+            described["int8_engine"] = self.int8_engine
+        return described
 
     def __repr__(self) -> str:
         return (

@@ -13,20 +13,12 @@ import numpy as np
 import torch
 
 from models.backends.base import BackendError, Predictor
+from models.backends.hardware import usable_cpus
 from models.backends.onnx_graph import FEATURES_NAME, export_cached
 from models.export import INPUT_NAME, OUTPUT_NAME
 from models.mixer import MlpMixer
 
 PRECISIONS = {"cpu": ("fp32",), "cuda": ("fp32", "fp16")}
-
-
-def providers_available() -> list[str]:
-    """onnxruntime's execution providers in this install ([] if it does not import)."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return []
-    return list(onnxruntime.get_available_providers())
 
 
 class OnnxRuntimePredictor(Predictor):
@@ -69,8 +61,6 @@ class OnnxRuntimePredictor(Predictor):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads or kind == "cpu":
-            from models.backends.auto import usable_cpus
-
             options.intra_op_num_threads = threads or usable_cpus()
         self.session = ort.InferenceSession(str(self.onnx_path), options, providers=providers)
 

@@ -28,6 +28,7 @@ import torch
 
 from models.backends.base import BackendError, Predictor
 from models.backends.cache import CacheStore, LocalCacheStore, default_cache_dir
+from models.backends.hardware import gpu_info
 from models.backends.onnx_graph import FEATURES_NAME, export_cached
 from models.export import INPUT_NAME, OUTPUT_NAME, onnx_sha256
 from models.mixer import MlpMixer
@@ -121,13 +122,14 @@ class TensorRTPredictor(Predictor):
         }
 
     def _engine_key(self) -> EngineKey:
-        index = torch.device(self.device).index or 0
-        props = torch.cuda.get_device_properties(index)
+        gpu = gpu_info(torch.device(self.device).index or 0)
+        if gpu is None:
+            raise BackendError(f"tensorrt needs a CUDA device, not {self.device!r}")
         return EngineKey(
             onnx_sha256=onnx_sha256(self.onnx_path),
             tensorrt_version=self.trt.__version__,
-            gpu_name=props.name,
-            compute_capability=f"{props.major}.{props.minor}",
+            gpu_name=gpu.name,
+            compute_capability=f"{gpu.capability[0]}.{gpu.capability[1]}",
             precision=self.precision,
             min_batch=1,
             opt_batch=self.preferred_batch_size,

@@ -30,27 +30,33 @@ input buffer, padded last batch). Measured on an H100 (torch 2.11, B/16 bf16, ba
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import os
-import shutil
-import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from models.backends.auto import cpu_info
+from models.backends.aot_package import load_or_build
+from models.backends.auto import COMPILE_MIN_GFLOP
 from models.backends.base import BackendError, Predictor
 from models.backends.cache import CacheStore, default_cache_dir
+from models.backends.hardware import compiler_available, cpu_info
 from models.backends.torch_fused import FusedMixer
+from models.backends.torch_helpers import (
+    DTYPES,
+    CudaGraphed,
+    compile_frozen,
+    configure_threads,
+    quantize_linears,
+    release_free_memory,
+)
+from models.backends.torch_int8 import ENGINE, package_recipe, static_int8, static_int8_usable
 from models.mixer import MlpMixer
 
 log = logging.getLogger(__name__)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_PRECISIONS = ("fp32", "bf16", "int8")
 CUDA_PRECISIONS = ("fp32", "bf16", "fp16")
-COMPILE_MIN_GFLOP = 1.0  # below this per image, compiling costs more than it saves
 
 
 class TorchPredictor(Predictor):
@@ -103,7 +109,7 @@ class TorchPredictor(Predictor):
             raise BackendError("compile='aot' runs on the CPU only")
         if compile == "aot" and precision == "int8" and not static_int8_usable():
             raise BackendError("compile='aot' int8 needs static int8: torchao and a VNNI/AMX CPU")
-        self.aot_info: dict[str, object] | None = None  # the package's key and where it came from
+        self.aot_info = None  # set by _load_aot
         self.cuda_graphs = on_gpu and (cuda_graphs is None or cuda_graphs)
         self.preferred_batch_size = batch_size or (256 if on_gpu else 16)
         # One fixed shape when compiled or graphed: split larger batches, pad smaller ones.
@@ -128,7 +134,7 @@ class TorchPredictor(Predictor):
         example = torch.zeros(self.preferred_batch_size, 3, size, size, device=device)
         forward = module
         if self.compiled:
-            forward = _compile(module, example)
+            forward = compile_frozen(module, example)
             if forward is None and self._release_source:
                 raise BackendError("torch.compile failed (see the log); pass compile=False")
             if forward is None:  # no working compiler: run eagerly, slower but correct
@@ -149,16 +155,13 @@ class TorchPredictor(Predictor):
         forward = None
         if self.compiled:
             if static_int8_usable():
-                from models.backends.torch_int8 import ENGINE, static_int8
-
                 bf16 = cpu_info().native_bf16
-                batch = self.preferred_batch_size
                 if self.aot:
                     forward = self._load_aot_int8(model, bf16)
-                    if forward is not None:
-                        forward.int8_engine = ENGINE
                 else:
-                    forward = static_int8(model, batch, bf16, self._release_source)
+                    forward = static_int8(
+                        model, self.preferred_batch_size, bf16, self._release_source
+                    )
                 # The jit path quantizes an owned model in place; a package is built from
                 # weights that stay until it loads: no fallback once they are gone.
                 gone = self._release_source and not self.aot
@@ -170,30 +173,21 @@ class TorchPredictor(Predictor):
                 self.compiled = self.fixed_batch = self.aot = False
                 self.max_batch_size = None
         if forward is None:
-            forward = _quantized_int8(model)
-        self.int8_engine = forward.int8_engine
+            forward = DynamicInt8(model)
+            self.int8_engine, self.int8_dynamic = forward.engine, True
+        else:
+            self.int8_engine, self.int8_dynamic = ENGINE, False
         return forward
 
     def _load_aot_int8(self, model: MlpMixer, bf16: bool):
         """The static int8 package of `model`; None (and a log line) where it cannot be built."""
-        from models.backends.torch_int8 import package_recipe
-
         try:
             return self._load_aot(model, "int8", package_recipe(bf16))
         except BackendError as err:  # torchao broken for this torch, an export or compile limit
             log.warning("static int8 AOT package failed: %s", err)
             return None
 
-    def describe(self) -> dict[str, object]:
-        """The base description, plus which int8 engine runs (static or dynamic)."""
-        described = super().describe()
-        if self.precision == "int8":
-            described["int8_engine"] = self.int8_engine
-        return described
-
     def _load_aot(self, model: MlpMixer, precision: str, recipe: dict[str, object] | None = None):
-        from models.backends.aot_package import load_or_build
-
         folder = Path(self._cache_dir) if self._cache_dir else default_cache_dir()
         size = self.preferred_batch_size
         forward, self.aot_info = load_or_build(
@@ -226,136 +220,14 @@ class TorchPredictor(Predictor):
             return logits[:n].float().cpu(), features[:n].float().cpu()
 
 
-def configure_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads: `threads`, else OMP_NUM_THREADS, else the usable CPUs.
-
-    torch's default counts the host's cores, not this process's share (a container, a Ray
-    actor's CPUs), and oversubscribed OpenMP threads wait on each other at every barrier.
-    """
-    from models.backends.auto import usable_cpus
-
-    if threads is None and not os.environ.get("OMP_NUM_THREADS"):
-        threads = min(torch.get_num_threads(), usable_cpus())
-    if threads:
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
-
-
-def release_free_memory() -> None:
-    """Hand memory that malloc keeps after compiling back to the OS (glibc only).
-
-    Compiling frees a few hundred MB of transient buffers that glibc would otherwise keep in
-    its heap, counted in the actor's resident memory for its whole life.
-    """
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-    except OSError:  # not glibc: nothing to do
-        pass
-
-
-def compiler_available() -> bool:
-    """Inductor on CPU writes C++: is there a compiler to build it?"""
-    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
-
-
-def _compile(module: torch.nn.Module, example: torch.Tensor):
-    """torch.compile with frozen weights, warmed up on `example`; None if compiling fails."""
-    import torch._inductor.config as inductor_config
-
-    # Default mode on CUDA too: its GEMMs are cuBLAS's either way, max-autotune adds minutes of
-    # tuning per actor, and CUDA graphs are ours (CudaGraphed), not Inductor's.
-    compiled = torch.compile(module, dynamic=False, fullgraph=True)
-    # Freezing folds the weights into constants (oneDNN prepacks them). On the CPU it also
-    # drops the originals, so the predictor holds one copy of its weights; on CUDA (torch 2.11
-    # seen on an H100) the erased originals fail Dynamo's guards on the next call, and the
-    # GPU has room for both copies.
-    discard = example.device.type == "cpu"
-    patch = inductor_config.patch(freezing=True, freezing_discard_parameters=discard)
-    try:
-        with patch, torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            compiled(example)
-            compiled(example)  # the second call runs what was built, not the builder
-    except Exception as err:  # a missing or broken compiler toolchain, an unsupported op
-        log.warning("torch.compile failed, running eagerly: %s", str(err).splitlines()[0])
-        return None
-    return compiled
-
-
-def int8_engine() -> str:
-    """The quantized engine for int8 linears: oneDNN where AMX/VNNI, else fbgemm's x86."""
-    info = cpu_info()
-    engine = "onednn" if info.amx or "avx512_vnni" in info.flags else "x86"
-    supported = torch.backends.quantized.supported_engines
-    if engine not in supported:
-        engine = "x86" if "x86" in supported else "fbgemm"
-    return engine
-
-
-def quantize_linears(module: torch.nn.Module) -> torch.nn.Module:
-    """`module` (changed in place) with every Linear dynamically quantized to int8."""
-    torch.backends.quantized.engine = int8_engine()  # process-wide: packing and running agree
-    with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(
-            module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True
-        )
-
-
-def _quantized_int8(model: MlpMixer):
+class DynamicInt8(nn.Module):
     """A copy of `model` with every Linear dynamically quantized to int8, returning features."""
-    quantized = quantize_linears(copy.deepcopy(model).float().eval())
 
-    def forward(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = quantized.forward_features(batch)
-        return quantized.head(features), features
+    def __init__(self, model: MlpMixer) -> None:
+        super().__init__()
+        self.quantized = quantize_linears(copy.deepcopy(model).float().eval())
+        self.engine = f"dynamic-{torch.backends.quantized.engine}"
 
-    forward.int8_engine = f"dynamic-{torch.backends.quantized.engine}"
-    return forward
-
-
-def static_int8_usable() -> bool:
-    """Static int8 (torch_int8.py) runs here: torchao imports and oneDNN has VNNI or AMX."""
-    from models.backends.torch_int8 import static_int8_available
-
-    return int8_engine() == "onednn" and static_int8_available()
-
-
-class CudaGraphed:
-    """Replays one captured CUDA graph of `fn` on a static input buffer of `example`'s shape."""
-
-    def __init__(self, fn, example: torch.Tensor) -> None:
-        self.static_input = example.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside capture: allocations, autotuning
-            for _ in range(3):
-                fn(self.static_input)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_output = fn(self.static_input)
-
-    def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        self.static_input.copy_(batch, non_blocking=True)
-        self.graph.replay()
-        return self.static_output
-
-
-@contextlib.contextmanager
-def quantized_engine(engine: str):
-    """Temporarily select a torch quantized engine (tests and the GEMM benchmark)."""
-    saved = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = saved
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.quantized.forward_features(batch)
+        return self.quantized.head(features), features

@@ -51,27 +51,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from models.backends.calibration import CALIBRATION_IMAGES, calibration_images
+from models.backends.hardware import cpu_info, torchao_version
+from models.backends.torch_helpers import compile_frozen, release_free_memory
 from models.mixer import MlpMixer
 
 log = logging.getLogger(__name__)
-ENGINE = "pt2e-x86-inductor"  # the name `.int8_engine` reports for this path
-CALIBRATION_IMAGES = 32  # enough for stable per-tensor ranges; more only costs setup time
+ENGINE = "pt2e-x86-inductor"  # the name `Predictor.int8_engine` reports for this path
 # Bump when what package_module builds changes in a way its sources do not show (calibration
 # images, quantizer settings are in this file and hashed too; this names the recipe).
 RECIPE_VERSION = 1
-
-
-def torchao_version() -> str | None:
-    """The installed torchao's version, without importing it (215 MB resident); None if absent."""
-    import importlib.metadata
-    import importlib.util
-
-    try:
-        if importlib.util.find_spec("torchao") is None:
-            return None
-        return importlib.metadata.version("torchao")
-    except (ImportError, ValueError):  # hidden (sys.modules entry None) or no metadata
-        return None
 
 
 def static_int8_available(load: bool = False) -> bool:
@@ -93,6 +82,11 @@ def static_int8_available(load: bool = False) -> bool:
     except Exception:  # missing, or built for another torch (ImportError, OSError, ...)
         return False
     return True
+
+
+def static_int8_usable() -> bool:
+    """Static int8 runs here: torchao is installed and oneDNN has VNNI or AMX int8."""
+    return cpu_info().vnni and static_int8_available()
 
 
 class _LogitsAndFeatures(nn.Module):
@@ -117,32 +111,6 @@ class _Autocast(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return self.module(images)
-
-
-def calibration_images(config, count: int = CALIBRATION_IMAGES, seed: int = 1) -> torch.Tensor:
-    """Normalized synthetic calibration images, no download: half smooth noise, half blobs.
-
-    Smooth noise alone (`models.measure.synthetic_images`) has no sharp edges, so its
-    activation ranges come out narrow and real images with edges get clipped (measured on the
-    demo digits model: worst logits cosine 0.966 against 0.998 with half blobs, and 0.999
-    calibrating on its own training images).
-    """
-    from models.measure import synthetic_images
-
-    size = config.image_size
-    smooth = synthetic_images(count - count // 2, size, seed=seed)
-    return torch.cat([smooth, blob_images(count // 2, size, seed=seed)])
-
-
-def blob_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
-    """Sharp-edged two-level images in [-1, 1]: random blobs on a background, per channel."""
-    generator = torch.Generator().manual_seed(seed)
-    cells = max(2, size // 4)
-    mask = torch.rand(count, 1, cells, cells, generator=generator) > 0.6
-    mask = torch.nn.functional.interpolate(mask.float(), size=(size, size), mode="nearest")
-    background = torch.rand(count, 3, 1, 1, generator=generator) * 2 - 1
-    foreground = torch.rand(count, 3, 1, 1, generator=generator) * 2 - 1
-    return (background + mask * (foreground - background)).contiguous()
 
 
 def erf_gelu(model: nn.Module) -> nn.Module:
@@ -264,8 +232,6 @@ def static_int8(
     belongs to the caller's predictor alone, so it is quantized in place and its fp32 weights
     are freed once converted. None (and a log line) where quantizing or compiling fails.
     """
-    from models.backends.torch_backend import _compile, release_free_memory
-
     source = model if release_source else copy.deepcopy(model)
     try:
         quantized = quantize_static(source, batch_size, calibration)
@@ -276,8 +242,6 @@ def static_int8(
     del source
     size = model.config.image_size
     example = torch.zeros(batch_size, 3, size, size)
-    forward = _compile(_Autocast(quantized) if bf16 else quantized, example)
+    forward = compile_frozen(_Autocast(quantized) if bf16 else quantized, example)
     release_free_memory()
-    if forward is not None:
-        forward.int8_engine = ENGINE
     return forward

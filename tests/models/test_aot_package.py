@@ -13,7 +13,7 @@ import torch
 
 from models.backends import BackendError, create
 from models.backends.aot_package import check_package, load_or_build, package_key
-from models.backends.torch_backend import compiler_available
+from models.backends.hardware import compiler_available
 from pipeline.engine_cache import StorageCacheStore
 from tests.models.fresh_worker import load_cached_in_fresh_process
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from models.backends import BackendError, LocalCacheStore, available_backends, create
-from models.backends.auto import CpuInfo, GpuInfo, choose, parse_cpuinfo
+from models.backends.auto import choose
+from models.backends.hardware import CpuInfo, GpuInfo, onednn_isa_cap, parse_cpuinfo
 from models.backends.torch_fused import FusedMixer, gelu_table
 from models.checkpoints import load_checkpoint, save_checkpoint
 from models.mixer import build_preset
@@ -217,14 +219,23 @@ def test_auto_rule_on_gpus(capability, backends, expected):
     assert (choice.backend, choice.precision) == expected
 
 
-def test_auto_never_picks_what_the_software_cannot_use(monkeypatch):
+def test_auto_never_picks_what_the_software_cannot_use():
     no_avx2_build = CpuInfo("EPYC, torch built without AVX2", EPYC_AVX2.flags, "DEFAULT")
     assert choose(available=("torch",), device="cpu", cpu=no_avx2_build).precision == "fp32"
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")  # oneDNN capped below bf16
-    assert choose(available=("torch",), device="cpu", cpu=XEON_AMX).precision == "int8"
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
-    without_torchao = choose(available=("torch",), device="cpu", cpu=XEON_AMX, static_int8=False)
+    below_bf16 = dataclasses.replace(XEON_AMX, isa_cap="AVX512_CORE_VNNI")
+    assert choose(available=("torch",), device="cpu", cpu=below_bf16).precision == "int8"
+    amx = dataclasses.replace(XEON_AMX, isa_cap="AVX512_CORE_AMX")
+    without_torchao = choose(available=("torch",), device="cpu", cpu=amx, static_int8=False)
     assert without_torchao.precision == "bf16"
+
+
+def test_the_onednn_isa_cap_is_read_from_the_environment_once(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "avx2")
+    assert onednn_isa_cap() == "AVX2"
+    info = parse_cpuinfo("flags : avx2 amx_bf16\n", "AVX512", 2, onednn_isa_cap())
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "ALL")  # later changes do not reach the facts
+    assert info.isa_cap == "AVX2" and not info.native_bf16
 
 
 def test_auto_precision_follows_an_explicit_backend():

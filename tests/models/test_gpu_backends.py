@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from models.backends import BackendError, create
-from models.backends.onnxruntime_backend import providers_available
+from models.backends.hardware import onnxruntime_providers as providers_available
 from models.backends.torch_fused import FusedMixer
 
 requires_cuda = pytest.mark.skipif(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import zipfile
@@ -11,14 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from models.backends import BackendError, create
-from models.backends.auto import CpuInfo, choose
-from models.backends.torch_backend import static_int8_usable
+from models.backends.auto import choose
+from models.backends.calibration import blob_images, calibration_images
+from models.backends.hardware import CpuInfo, cpu_info
 from models.backends.torch_int8 import (
     ENGINE,
-    blob_images,
-    calibration_images,
     quantize_static,
     static_int8_available,
+    static_int8_usable,
 )
 from models.checkpoints import save_checkpoint
 from models.mixer import build_preset
@@ -200,8 +201,8 @@ def test_auto_rule_with_static_int8():
 def test_auto_takes_bf16_when_its_int8_would_only_be_dynamic(caplog):
     """auto picks int8 for the static path; without it (here: compile=False) bf16 is faster."""
     model = build_preset("S/32")  # about 2 GFLOP per image: big enough for static int8
-    if choose(device="cpu", gflop=2 * model.config.macs_per_image() / 1e9).precision != "int8":
-        pytest.skip("auto does not pick int8 on this machine (no AMX int8 or no torchao)")
+    if not cpu_info().amx_int8 or not static_int8_available():
+        pytest.skip("auto picks int8 for its static path only with AMX int8 and torchao")
     with caplog.at_level(logging.WARNING, logger="models.backends"):
         predictor = create(model, "auto", "auto", "cpu", batch_size=2, compile=False)
     assert predictor.precision == "bf16" and "bf16 instead" in predictor.choice.reason
@@ -210,10 +211,10 @@ def test_auto_takes_bf16_when_its_int8_would_only_be_dynamic(caplog):
     assert explicit.precision == "int8" and explicit.int8_engine.startswith("dynamic")
 
 
-def test_capped_onednn_isa_gets_no_amx_int8(monkeypatch):
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
-    assert not XEON_AMX.amx_int8
-    assert choose(available=("torch",), device="cpu", cpu=XEON_AMX, static_int8=True).precision == (
+def test_capped_onednn_isa_gets_no_amx_int8():
+    capped = dataclasses.replace(XEON_AMX, isa_cap="AVX512_CORE_BF16")
+    assert XEON_AMX.amx_int8 and not capped.amx_int8
+    assert choose(available=("torch",), device="cpu", cpu=capped, static_int8=True).precision == (
         "bf16"
     )
 
