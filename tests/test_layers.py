@@ -18,12 +18,8 @@ PACKAGES = ("console", "flows", "pipeline", "models", "bench", "tests")
 
 # Private names still imported across modules, each to be made public (or the import removed)
 # by the work that owns it; the list only shrinks: an entry that no longer occurs fails the
-# test, so whoever fixes one also deletes it here. `_compile` becomes a shared torch helper
-# (issue 14 item 2, the models/ side).
-ALLOWED_PRIVATE_IMPORTS = {
-    ("models/backends/torch_int8.py", "models.backends.torch_backend._compile"),
-    ("bench/gpu_variants.py", "models.backends.torch_backend._compile"),
-}
+# test, so whoever fixes one also deletes it here.
+ALLOWED_PRIVATE_IMPORTS: set[tuple[str, str]] = set()
 
 
 def test_import_linter_contracts_are_kept():

@@ -37,7 +37,7 @@ Two choices worth knowing:
   images did not depend on the choice; the worst-case logits cosine did (see there).
 
 Without torchao, or where compiling fails, `create(..., precision="int8")` falls back to
-dynamically quantized Linears (torch_backend.quantize_linears), with a log line saying why
+dynamically quantized Linears (torch_backend.DynamicInt8), with a log line saying why
 (a package's build fails before the fp32 weights are released, so it can always fall back).
 """
 
