@@ -127,8 +127,14 @@ DONE_REASON = "done: output has the same input ETag and model sha256"
 
 def _done_metadata(storage, info, shard, model_sha256: str) -> dict[str, str] | None:
     """The output's footer metadata when it is done for this input and model, else None."""
+    from pipeline.storage import StorageError
+
     try:
         metadata = read_file_metadata(storage, info.uri, info.size)
+    except StorageError:
+        # Storage failing after its retry budget says nothing about the file: relabeling a
+        # finished shard would be wrong, so the run stops here with the storage's message.
+        raise
     except Exception as err:  # a torn or foreign file is redone, not trusted
         log.warning("%s: unreadable footer, labeling again: %s", info.uri, err)
         return None

@@ -13,17 +13,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from pipeline.storage.errors import StorageError, StorageUnavailable
+from pipeline.storage.retry import RetryPolicy
+
 log = logging.getLogger(__name__)
 
 STREAM_BUFFER = 1024 * 1024
-
-
-class StorageError(Exception):
-    """A storage operation failed; the message names the URI and says what to fix."""
-
-
-class ObjectNotFound(StorageError):
-    """The object does not exist (the bucket does)."""
 
 
 @dataclass(frozen=True)
@@ -42,10 +37,12 @@ class StorageOptions:
     endpoint_url: an S3-compatible endpoint (MinIO, Ceph, R2, a local test server); None uses
     the chain (`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`, config files), else AWS itself.
     max_pool_connections: HTTP connections per process; size it to the download thread pool.
+    retry: how long calls retry transient failures and how slow a read may get (retry.py).
     """
 
     endpoint_url: str | None = None
     max_pool_connections: int = 32
+    retry: RetryPolicy = RetryPolicy()
 
 
 class Storage(ABC):
@@ -79,6 +76,10 @@ class Storage(ABC):
     def join(self, prefix_uri: str, *parts: str) -> str:
         """prefix_uri / part / part..., with exactly one slash between parts."""
 
+    def with_deadline(self, deadline: float | None) -> Storage:
+        """This storage, with retries stopping at `deadline` (monotonic seconds) if remote."""
+        return self
+
     def exists(self, uri: str) -> bool:
         """Whether the object exists."""
         return self.head(uri) is not None
@@ -87,11 +88,17 @@ class Storage(ABC):
         """Write and delete a tiny probe under prefix_uri; raise StorageError if that fails.
 
         Run it before any work so a wrong bucket, credentials or permissions fail the run in
-        seconds, not after the first shard.
+        seconds, not after the first shard. Throttling or an outage that outlasts the retry
+        budget is reported as that (StorageUnavailable), never as "not writable".
         """
         probe = self.join(prefix_uri, f"_mixer_label_write_probe-{uuid.uuid4().hex[:12]}")
         try:
             self.put_atomic(probe, b"probe\n")
+        except StorageUnavailable as err:
+            reason = str(err).removeprefix(f"{probe}: ").removeprefix("cannot write: ")
+            raise StorageUnavailable(
+                f"{prefix_uri}: cannot check that the output is writable: {reason}"
+            ) from None
         except StorageError as err:
             reason = str(err).removeprefix(f"{probe}: ").removeprefix("cannot write: ")
             raise StorageError(f"{prefix_uri}: output not writable: {reason}") from None
@@ -100,9 +107,3 @@ class Storage(ABC):
         except StorageError as err:
             # Write-only roles are legitimate: the run never deletes, so only warn.
             log.warning("could not delete the write probe %s: %s", probe, err)
-
-
-def one_line(text: object, limit: int = 300) -> str:
-    """Collapse whitespace so an error message stays on one line."""
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

@@ -9,14 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from pipeline.storage.interface import (
-    STREAM_BUFFER,
-    ObjectInfo,
-    ObjectNotFound,
-    Storage,
-    StorageError,
-    one_line,
-)
+from pipeline.storage.errors import ObjectNotFound, StorageError, one_line
+from pipeline.storage.interface import STREAM_BUFFER, ObjectInfo, Storage
 
 PARTIAL_SUFFIX = ".tmp-partial"  # put_atomic temp files; never listed
 

@@ -1,38 +1,44 @@
-"""S3 and S3-compatible stores through boto3 (the only modules that import it: this and s3_stream).
+"""S3 and S3-compatible stores through boto3 (with s3_stream and s3_errors, the only boto3 users).
 
 S3 goes through boto3 with the standard AWS configuration chain (environment variables
 including `AWS_ENDPOINT_URL_S3`, profiles, instance roles), so S3-compatible stores (MinIO,
 Ceph, R2) work the same way given an endpoint. Credentials are never passed in, stored,
 pickled or logged: each process resolves its own.
+
+Every call follows one retry policy (retry.py): botocore's adaptive mode paces requests after
+throttling (its client-side rate limiter), and this module retries every transient failure for
+a time budget; botocore itself makes one attempt per call, so the budget is the only limit.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import io
 import logging
 import os
 import threading
-from collections.abc import Iterator
-from typing import Any, BinaryIO
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, TypeVar
 
-from pipeline.storage.interface import (
-    STREAM_BUFFER,
-    ObjectInfo,
-    ObjectNotFound,
-    Storage,
-    StorageError,
-    StorageOptions,
-    one_line,
-)
-from pipeline.storage.s3_stream import S3Stream
+from pipeline.storage.errors import StorageError
+from pipeline.storage.interface import STREAM_BUFFER, ObjectInfo, Storage, StorageOptions
+from pipeline.storage.retry import RetryClock
+from pipeline.storage.s3_errors import error_code, to_storage_error, transient
+from pipeline.storage.s3_stream import S3Reader
+from pipeline.storage.uris import check_uri, safe_endpoint
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Single PUT up to here; above it a multipart upload (S3 caps a single PUT at 5 GiB).
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_PART_SIZE = 16 * 1024 * 1024
+# A pre-flight check gives an endpoint that refuses connections this long: a wrong endpoint
+# fails in seconds, while throttling still gets the whole budget.
+PREFLIGHT_UNREACHABLE_S = 5.0
 _CLIENTS: dict[tuple[Any, ...], Any] = {}
 _CLIENTS_LOCK = threading.Lock()
 
@@ -44,19 +50,19 @@ def _aws_env_fingerprint() -> str:
     return hashlib.sha256(repr(items).encode()).hexdigest()
 
 
-def s3_client(options: StorageOptions, max_attempts: int = 10) -> Any:
+def s3_client(options: StorageOptions) -> Any:
     """A cached boto3 S3 client for this process and these options.
 
     Clients are thread-safe and hold the connection pool, so one per process is shared by all
-    threads; sessions are not thread-safe, so each is made once under a lock.
-    max_attempts: 10 rides out throttling (adaptive mode); a pre-flight check uses 2 so a
-    wrong endpoint fails in seconds, not after half a minute of back-off.
+    threads; sessions are not thread-safe, so each is made once under a lock. The read timeout
+    is the policy's progress window: a socket silent that long is a stalled read.
     """
+    window = options.retry.window_s
     key = (
         os.getpid(),
         options.endpoint_url,
         options.max_pool_connections,
-        max_attempts,
+        window,
         _aws_env_fingerprint(),
     )
     with _CLIENTS_LOCK:
@@ -66,10 +72,12 @@ def s3_client(options: StorageOptions, max_attempts: int = 10) -> Any:
             from botocore.config import Config
 
             config = Config(
-                retries={"mode": "adaptive", "max_attempts": max_attempts},  # SlowDown, 503
+                # adaptive: the client-side rate limiter backs off after SlowDown; one attempt
+                # per call, the retrying is ours (a time budget, see retry.py).
+                retries={"mode": "adaptive", "max_attempts": 1},
                 max_pool_connections=options.max_pool_connections,
-                connect_timeout=10,
-                read_timeout=60,
+                connect_timeout=min(10.0, window),
+                read_timeout=window,
                 tcp_keepalive=True,
             )
             session = boto3.session.Session()
@@ -79,26 +87,14 @@ def s3_client(options: StorageOptions, max_attempts: int = 10) -> Any:
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
-    """`s3://bucket/key/part` -> ("bucket", "key/part")."""
+    """`s3://bucket/key/part` -> ("bucket", "key/part"); URIs carrying a secret are refused."""
     if not uri.startswith("s3://"):
-        raise StorageError(f"{uri}: not an s3:// URI")
+        raise StorageError(f"{check_uri(uri)}: not an s3:// URI")
+    check_uri(uri)
     bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket:
         raise StorageError(f"{uri}: no bucket name in the URI (expected s3://bucket/prefix)")
     return bucket, key
-
-
-_CODE_REASONS = {
-    "NoSuchBucket": "bucket {bucket!r} does not exist",
-    "InvalidAccessKeyId": "wrong AWS credentials: the access key id is not known to the endpoint",
-    "SignatureDoesNotMatch": "wrong AWS credentials: the secret key does not match the key id",
-    "ExpiredToken": "AWS credentials have expired",
-    "InvalidToken": "AWS session token is invalid",
-    "AccessDenied": "access denied (check the IAM policy for this bucket and prefix)",
-    "AllAccessDisabled": "access to bucket {bucket!r} is disabled",
-    "NoSuchKey": "no such object",
-    "PreconditionFailed": "the object changed while it was being read",
-}
 
 
 class S3Storage(Storage):
@@ -115,6 +111,7 @@ class S3Storage(Storage):
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
         self.page_size = page_size  # keys per list request; 1000 is S3's maximum
+        self.deadline: float | None = None  # monotonic; no retry past it (see with_deadline)
         self._client: Any = None
         self._buckets_seen: set[str] = set()
 
@@ -130,10 +127,22 @@ class S3Storage(Storage):
             self._client = s3_client(self.options)
         return self._client
 
+    @property
+    def policy(self):
+        return self.options.retry
+
+    def with_deadline(self, deadline: float | None) -> S3Storage:
+        """A view of this storage (same client) whose calls stop retrying at `deadline`."""
+        view = copy.copy(self)
+        view.deadline = deadline
+        return view
+
     def check_writable(self, prefix_uri: str) -> None:
-        """As Storage.check_writable, with few retries: a pre-flight check must fail fast."""
+        """As Storage.check_writable; an endpoint refusing connections fails in seconds, while
+        throttling and 5xx are retried for the whole budget and reported as such."""
         probe = copy.copy(self)
-        probe._client = s3_client(self.options, max_attempts=2)
+        retry = dataclasses.replace(self.options.retry, unreachable_s=PREFLIGHT_UNREACHABLE_S)
+        probe.options = dataclasses.replace(self.options, retry=retry)
         Storage.check_writable(probe, prefix_uri)
 
     def join(self, prefix_uri: str, *parts: str) -> str:
@@ -142,52 +151,92 @@ class S3Storage(Storage):
             return "s3://" + "/".join(pieces[1:])
         return "/".join(pieces)
 
+    # ---- the retry loop every call goes through
+
+    def _call(self, uri: str, action: str, fn: Callable[[], T]) -> T:
+        """fn() under the retry policy; non-transient errors become a StorageError at once."""
+        clock = RetryClock(self.policy, self.deadline)
+        while True:
+            try:
+                return fn()
+            except StorageError:
+                raise
+            except Exception as err:
+                reason = transient(err, self.client.meta.endpoint_url)
+                if reason is None:
+                    raise
+                log.info("retrying %s (%s): %s", uri, action, reason.describe())
+                clock.failed(uri, action, reason)
+
+    def _error(self, err: Exception, uri: str, action: str) -> StorageError:
+        return to_storage_error(err, uri, action, self.client.meta.endpoint_url)
+
+    # ---- the operations
+
     def list(self, prefix_uri: str) -> Iterator[ObjectInfo]:
         bucket, key = split_s3_uri(prefix_uri)  # here, so a bad URI fails at the call
         prefix = key if not key or key.endswith("/") else key + "/"
         return self._list(bucket, prefix, prefix_uri)
 
     def _list(self, bucket: str, prefix: str, prefix_uri: str) -> Iterator[ObjectInfo]:
-        paginator = self.client.get_paginator("list_objects_v2")
-        try:
-            pages = paginator.paginate(
-                Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": self.page_size}
-            )
-            for page in pages:
-                for item in page.get("Contents", ()):
-                    if item["Key"].endswith("/"):
-                        continue  # a "folder" marker made by consoles, not an object
-                    yield ObjectInfo(
-                        f"s3://{bucket}/{item['Key']}", item["Size"], item["ETag"].strip('"')
-                    )
-        except Exception as err:
-            raise self.error(err, prefix_uri, "cannot list") from None
+        # Our own pagination: a page that fails is retried from its continuation token.
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": self.page_size}
+            if token:
+                kwargs["ContinuationToken"] = token
+            try:
+                page = self._call(
+                    prefix_uri, "cannot list", lambda kw=kwargs: self.client.list_objects_v2(**kw)
+                )
+            except Exception as err:
+                raise self._error(err, prefix_uri, "cannot list") from None
+            for item in page.get("Contents", ()):
+                if item["Key"].endswith("/"):
+                    continue  # a "folder" marker made by consoles, not an object
+                yield ObjectInfo(
+                    f"s3://{bucket}/{item['Key']}", item["Size"], item["ETag"].strip('"')
+                )
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    def _reader(self, uri: str, start: int = 0, end: int | None = None) -> S3Reader:
+        bucket, key = split_s3_uri(uri)
+        return S3Reader(
+            self.client,
+            uri,
+            bucket,
+            key,
+            self.policy,
+            start=start,
+            end=end,
+            deadline=self.deadline,
+            endpoint=self.client.meta.endpoint_url,
+        )
 
     def get(self, uri: str, start: int | None = None, end: int | None = None) -> bytes:
-        bucket, key = split_s3_uri(uri)
-        kwargs: dict[str, Any] = {}
-        if start or end is not None:
-            first = start or 0
-            if end is not None and end <= first:
-                return b""
-            kwargs["Range"] = f"bytes={first}-" + ("" if end is None else str(end - 1))
+        first = start or 0
+        if end is not None and end <= first:
+            split_s3_uri(uri)
+            return b""
+        reader = self._reader(uri, first, end)
         try:
-            response = self.client.get_object(Bucket=bucket, Key=key, **kwargs)
-            return response["Body"].read()
-        except Exception as err:
-            if error_code(err) == "InvalidRange":
-                return b""  # start at or past the end: an empty slice, as for local files
-            raise self.error(err, uri, "cannot read") from None
+            return reader.readall()
+        finally:
+            reader.close()
 
     def open(self, uri: str) -> BinaryIO:
-        stream = S3Stream(self, uri, *split_s3_uri(uri))
-        stream.start()
-        return io.BufferedReader(stream, buffer_size=STREAM_BUFFER)  # type: ignore[return-value]
+        reader = self._reader(uri)
+        reader.start()
+        return io.BufferedReader(reader, buffer_size=STREAM_BUFFER)  # type: ignore[return-value]
 
     def head(self, uri: str) -> ObjectInfo | None:
         bucket, key = split_s3_uri(uri)
         try:
-            response = self.client.head_object(Bucket=bucket, Key=key)
+            response = self._call(
+                uri, "cannot stat", lambda: self.client.head_object(Bucket=bucket, Key=key)
+            )
         except Exception as err:
             code = error_code(err)
             if code in ("404", "NoSuchKey", "NotFound"):
@@ -196,7 +245,7 @@ class S3Storage(Storage):
             if code in ("403", "400"):
                 # HEAD responses carry no error code; a 1-byte GET tells credentials from policy.
                 self._explain_with_get(bucket, key, uri, err)
-            raise self.error(err, uri, "cannot stat") from None
+            raise self._error(err, uri, "cannot stat") from None
         return ObjectInfo(uri, response["ContentLength"], response["ETag"].strip('"'))
 
     def put_atomic(self, uri: str, data: bytes) -> None:
@@ -205,31 +254,49 @@ class S3Storage(Storage):
             raise StorageError(f"{uri}: no object key to write to")
         try:
             if len(data) <= self.multipart_threshold:
-                self.client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+                body = bytes(data)
+                self._call(
+                    uri,
+                    "cannot write",
+                    lambda: self.client.put_object(Bucket=bucket, Key=key, Body=body),
+                )
             else:
-                self._put_multipart(bucket, key, memoryview(data))
+                self._put_multipart(uri, bucket, key, memoryview(data))
         except StorageError:
             raise
         except Exception as err:
-            raise self.error(err, uri, "cannot write") from None
+            raise self._error(err, uri, "cannot write") from None
 
-    def _put_multipart(self, bucket: str, key: str, data: memoryview) -> None:
+    def _put_multipart(self, uri: str, bucket: str, key: str, data: memoryview) -> None:
         # The object appears only at complete_multipart_upload, so readers never see a part.
-        upload_id = self.client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        action = "cannot write"
+        client = self.client
+        upload_id = self._call(
+            uri, action, lambda: client.create_multipart_upload(Bucket=bucket, Key=key)
+        )["UploadId"]
         try:
             parts = []
             for number, offset in enumerate(range(0, len(data), self.part_size), start=1):
                 chunk = bytes(data[offset : offset + self.part_size])
-                response = self.client.upload_part(
-                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk
-                )
+
+                def upload(number: int = number, chunk: bytes = chunk) -> Any:
+                    return client.upload_part(
+                        Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk
+                    )
+
+                response = self._call(uri, action, upload)
                 parts.append({"PartNumber": number, "ETag": response["ETag"]})
-            self.client.complete_multipart_upload(
-                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            done = {"Parts": parts}
+            self._call(
+                uri,
+                action,
+                lambda: client.complete_multipart_upload(
+                    Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload=done
+                ),
             )
         except BaseException:
             try:
-                self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
             except Exception:  # the original error is the one worth reporting
                 log.warning("could not abort multipart upload of s3://%s/%s", bucket, key)
             raise
@@ -237,9 +304,11 @@ class S3Storage(Storage):
     def delete(self, uri: str) -> None:
         bucket, key = split_s3_uri(uri)
         try:
-            self.client.delete_object(Bucket=bucket, Key=key)
+            self._call(
+                uri, "cannot delete", lambda: self.client.delete_object(Bucket=bucket, Key=key)
+            )
         except Exception as err:
-            raise self.error(err, uri, "cannot delete") from None
+            raise self._error(err, uri, "cannot delete") from None
 
     # ---- errors
 
@@ -248,60 +317,30 @@ class S3Storage(Storage):
         if bucket in self._buckets_seen:
             return
         try:
-            self.client.head_bucket(Bucket=bucket)
+            self._call(uri, "cannot reach bucket", lambda: self.client.head_bucket(Bucket=bucket))
+        except StorageError:
+            raise
         except Exception as err:
             code = error_code(err)
             if code in ("404", "NoSuchBucket"):
                 raise StorageError(f"{uri}: bucket {bucket!r} does not exist") from None
             if code in ("403", "400"):
                 self._explain_with_get(bucket, "", uri, err)
-            raise self.error(err, uri, "cannot reach bucket") from None
+            raise self._error(err, uri, "cannot reach bucket") from None
         self._buckets_seen.add(bucket)
 
     def _explain_with_get(self, bucket: str, key: str, uri: str, head_err: Exception) -> None:
+        def probe() -> Any:
+            return self.client.get_object(Bucket=bucket, Key=key or "_", Range="bytes=0-0")
+
         try:
-            self.client.get_object(Bucket=bucket, Key=key or "_", Range="bytes=0-0")
+            self._call(uri, "cannot read", probe)
+        except StorageError:
+            raise
         except Exception as err:
             if error_code(err) not in ("NoSuchKey", "404", "InvalidRange", "403", "400"):
-                raise self.error(err, uri, "cannot read") from None
+                raise self._error(err, uri, "cannot read") from None
 
-    def error(self, err: Exception, uri: str, action: str) -> StorageError:
-        """A one-line StorageError naming the URI; built from codes, never from request data."""
-        from botocore.exceptions import (
-            ClientError,
-            EndpointConnectionError,
-            NoCredentialsError,
-            PartialCredentialsError,
-        )
-
-        if isinstance(err, StorageError):
-            return err
-        if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
-            return StorageError(
-                f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run with an instance role)"
-            )
-        if isinstance(err, EndpointConnectionError):
-            endpoint = self.client.meta.endpoint_url
-            return StorageError(f"{uri}: cannot reach the S3 endpoint {endpoint}")
-        if isinstance(err, ClientError):
-            code = error_code(err)
-            bucket = split_s3_uri(uri)[0]
-            if code in _CODE_REASONS:
-                reason = _CODE_REASONS[code].format(bucket=bucket)
-                cls = ObjectNotFound if code == "NoSuchKey" else StorageError
-                return cls(f"{uri}: {action}: {reason} ({code})")
-            if code == "404":
-                return ObjectNotFound(f"{uri}: {action}: no such object")
-            if code == "403":
-                return StorageError(f"{uri}: {action}: access denied or wrong credentials (403)")
-            message = err.response.get("Error", {}).get("Message", "")
-            return StorageError(f"{uri}: {action}: {code}: {one_line(message, 200)}")
-        return StorageError(f"{uri}: {action}: {type(err).__name__}: {one_line(err, 200)}")
-
-
-def error_code(err: Exception) -> str:
-    response = getattr(err, "response", None)
-    if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Code", ""))
-    return ""
+    def endpoint(self) -> str | None:
+        """The endpoint URL fit to print (no userinfo)."""
+        return safe_endpoint(self.client.meta.endpoint_url)
