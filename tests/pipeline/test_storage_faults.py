@@ -101,7 +101,7 @@ def test_list_head_put_multipart_delete_retry(proxy, s3_bucket):
 
 def test_throttling_past_the_budget_is_named_with_the_time_spent(proxy, s3_bucket):
     storage = storage_via(proxy, RetryPolicy(budget_s=1.5, window_s=1.0, first_delay_s=0.05))
-    storage.client  # made before the clock starts (creating a boto3 client takes a while)
+    assert storage.client  # made before the clock starts (making a boto3 client is slow)
     proxy.burst(30)
     start = time.monotonic()
     with pytest.raises(StorageUnavailable) as err:
@@ -117,7 +117,7 @@ def test_throttling_past_the_budget_is_named_with_the_time_spent(proxy, s3_bucke
 
 def test_the_write_probe_rides_out_a_burst_and_names_throttling_after_the_budget(proxy, s3_bucket):
     storage = storage_via(proxy, RetryPolicy(budget_s=3.0, window_s=1.0, first_delay_s=0.05))
-    storage.client  # made before the burst starts
+    assert storage.client  # made before the burst starts
     proxy.burst(1.0)  # shorter than the budget: the probe succeeds
     storage.check_writable(f"s3://{s3_bucket}/out")
     assert proxy.counts["slowdown"] >= 2
