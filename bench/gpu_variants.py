@@ -35,9 +35,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.measure import agreement, synthetic_images  # noqa: E402
 from models.backends.torch_fused import FusedMixer  # noqa: E402
 from models.backends.torch_helpers import CudaGraphed, compile_frozen  # noqa: E402
-from models.measure import agreement, synthetic_images  # noqa: E402
 from models.mixer import build_preset  # noqa: E402
 
 GFLOP_PER_IMAGE = 25.2  # Mixer-B/16 at 224 (the figure; 2 * MACs)

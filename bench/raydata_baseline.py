@@ -3,7 +3,7 @@
     read_images → map_batches(resize, crop, normalize) → map_batches(actor pool) → write_parquet
 
 written the way Ray's batch-inference examples write it, with the same model, backend and cores
-as `mixer-label run`. pipeline/pipeline_bench.py runs both in one process and compares them;
+as `mixer-label run`. bench/pipeline_bench.py runs both in one process and compares them;
 it also runs on its own:
 
     python bench/raydata_baseline.py s3://bucket/images/ s3://bucket/out/ --model B/16

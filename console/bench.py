@@ -48,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace):
     """The BenchOptions the flags describe; a bad value is a UsageError naming the flag."""
+    from bench.model_bench import BenchOptions
     from models.backends import BACKENDS, PRECISIONS
-    from models.bench import BenchOptions
 
     def split(text: str) -> tuple[str, ...]:
         return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -90,7 +90,7 @@ def options_from_args(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    from models.bench import format_markdown, run_bench
+    from bench.model_bench import format_markdown, run_bench
 
     options = options_from_args(args)
     # A model or --inputs file it cannot read (OSError) or a configuration it cannot build

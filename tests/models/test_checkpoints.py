@@ -206,7 +206,7 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path):
     save_checkpoint(model, path)
     probe = (
         "import sys, torch\n"
-        "from models.measure import current_rss_bytes, peak_rss_bytes\n"
+        "from bench.measure import current_rss_bytes, peak_rss_bytes\n"
         "from models.checkpoints import load_checkpoint\n"
         "torch.zeros(1)\n"
         "base = current_rss_bytes()\n"
@@ -269,7 +269,7 @@ def test_identity_reads_no_weights_into_memory(tmp_path):
     save_checkpoint(build_preset("S/32"), path)
     probe = (
         "import sys, torch\n"
-        "from models.measure import current_rss_bytes, peak_rss_bytes\n"
+        "from bench.measure import current_rss_bytes, peak_rss_bytes\n"
         "from models.checkpoints import checkpoint_identity, file_sha256\n"
         "torch.zeros(1)\n"
         "base = current_rss_bytes()\n"

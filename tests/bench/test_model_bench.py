@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from console.main import main as cli_main
-from models.bench import BenchOptions, configurations, format_markdown
-from models.measure import (
+from bench.measure import (
     Timing,
     agreement,
     gemm_ceiling,
@@ -26,6 +24,8 @@ from models.measure import (
     time_batches,
     timm_reference_name,
 )
+from bench.model_bench import BenchOptions, configurations, format_markdown
+from console.main import main as cli_main
 from models.mixer import PRESETS
 
 
@@ -243,3 +243,24 @@ def test_markdown_of_a_report_without_gemm_or_memory():
     }
     text = format_markdown(report)
     assert "| torch | fp32 | 2 | 3.0 | 4.0 | - |" in text and "- n" in text
+
+
+def test_the_trained_models_code_fingerprint_reads_no_benchmark_file(monkeypatch):
+    """Editing a benchmark must not make the demo retrain: bench/ is outside what
+    pipeline.train.code_fingerprint hashes (models/ and a few pipeline modules)."""
+    from pathlib import Path
+
+    from pipeline import train
+
+    read: list[Path] = []
+    original = Path.read_bytes
+
+    def recording(self: Path) -> bytes:
+        read.append(self.resolve())
+        return original(self)
+
+    monkeypatch.setattr(Path, "read_bytes", recording)
+    train.code_fingerprint()
+    bench_dir = Path(__file__).resolve().parents[2] / "bench"
+    assert read and any(p.name == "mixer.py" for p in read)
+    assert not [p for p in read if bench_dir in p.parents or p.name.endswith("bench.py")]

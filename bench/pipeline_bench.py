@@ -6,7 +6,7 @@ In one process, on the same images, model, backend and cores, it measures
 3. the plain Ray Data script in bench/raydata_baseline.py (the target is ≥ 1.0× of it),
 4. how soon the first shard is labeled on a prefix of many shards while it is still listed.
 
-    python -m pipeline.pipeline_bench --model B/16 --images 256 --json out.json
+    python -m bench.pipeline_bench --model B/16 --images 256 --json out.json
 
 Without --s3-endpoint-url it starts a moto S3 server on loopback (pip install moto[server]).
 """
@@ -242,17 +242,10 @@ def _pipeline_run(images_uri: str, output_uri: str, endpoint: str, args) -> dict
 
 
 def _raydata_baseline():
-    """bench/raydata_baseline.py's run_baseline, when running from a checkout (bench/ is no
-    package: it is the outside point of comparison, not part of the product)."""
-    script = Path(__file__).resolve().parent.parent / "bench" / "raydata_baseline.py"
-    if not script.is_file():
-        return None
-    import importlib.util
+    """raydata_baseline.run_baseline: the outside point of comparison (plain Ray Data)."""
+    from bench.raydata_baseline import run_baseline
 
-    spec = importlib.util.spec_from_file_location("raydata_baseline", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.run_baseline
+    return run_baseline
 
 
 def _listing(storage, bucket: str, endpoint: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Measurement kernels of `mixer-label bench`: timing, GEMM peaks, agreement, memory.
 
-Small functions with no policy, each tested on the tiny preset; models/bench.py decides what
+Small functions with no policy, each tested on the tiny preset; bench/model_bench.py decides what
 to run and prints it.
 """
 

@@ -86,12 +86,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
     """Everything the module docstring lists, as one JSON-ready dict."""
     import torch
 
-    from models.backends import BackendError
-    from models.backends.auto import resolve_device
-    from models.backends.hardware import cpu_info, gpu_info
-    from models.backends.torch_helpers import configure_threads
-    from models.checkpoints import resolve_model
-    from models.measure import (
+    from bench.measure import (
         gemm_ceiling,
         gemm_peaks,
         load_inputs,
@@ -99,6 +94,11 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
         predict_all,
         synthetic_images,
     )
+    from models.backends import BackendError
+    from models.backends.auto import resolve_device
+    from models.backends.hardware import cpu_info, gpu_info
+    from models.backends.torch_helpers import configure_threads
+    from models.checkpoints import resolve_model
 
     device = resolve_device(options.device)
     on_gpu = device.startswith("cuda")
@@ -206,8 +206,8 @@ def _bench_predictor(
     """One result row: create the predictor, check its agreement, time its batches."""
     import torch
 
+    from bench.measure import agreement, predict_all, repeat_to, time_batches
     from models.backends import create
-    from models.measure import agreement, predict_all, repeat_to, time_batches
 
     start = time.perf_counter()
     predictor = create(
@@ -255,7 +255,7 @@ def _bench_timm(config, images, options, sizes, device, log) -> list[dict]:
 
     import torch
 
-    from models.measure import repeat_to, time_batches, timm_reference_name
+    from bench.measure import repeat_to, time_batches, timm_reference_name
 
     name = timm_reference_name(config)
     if name is None:
