@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 from collections.abc import Sequence
 
 from console.errors import exit_code
@@ -42,8 +43,15 @@ def build_parser(commands: Sequence[tuple[str, str, str]] = COMMANDS) -> argpars
         description="Label images with an MLP-Mixer: Ray actors, S3 shards, Parquet out.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show Ray's start-up notices, the workers' output and INFO logs",
+    )
     for name, module_name, help_text in commands:
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        command = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         module = importlib.import_module(module_name)
         module.add_arguments(command)
         command.set_defaults(handler=module.main)
@@ -52,6 +60,8 @@ def build_parser(commands: Sequence[tuple[str, str, str]] = COMMANDS) -> argpars
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return exit_code(args.command, lambda: args.handler(args))
 
 

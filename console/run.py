@@ -82,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
     # becomes one line in console.errors. Finished shards are complete files; running the
     # same command again resumes after them.
     try:
-        summary = run_labeling(config, on_progress=progress)
+        summary = run_labeling(config, on_progress=progress, verbose=args.verbose)
     finally:
         progress.close()
     if args.json:
@@ -99,14 +99,46 @@ def format_summary(summary: dict) -> str:
         f"{summary['images_per_s']:,.1f} images/s in {summary['seconds']:,.1f} s",
         f"shards: {summary['shards_done']} labeled, {summary['shards_skipped']} skipped "
         f"(already done), {summary['shards_failed']} failed, {summary['shards_total']} total",
-        f"model: {summary['model']} ({summary['backend']}, {summary['precision']})",
+        model_line(summary),
         f"output: {summary['partition_uri']}",
     ]
-    counts = summary.get("class_counts") or {}
-    if counts:
-        top = list(counts.items())[:10]
-        more = f" (+{len(counts) - len(top)} more)" if len(counts) > len(top) else ""
-        lines.append("classes: " + ", ".join(f"{k} {v:,}" for k, v in top) + more)
+    lines += class_lines(summary.get("class_counts") or {})
+    lines += failed_file_lines(summary)
     for failed in summary.get("failed_shards") or []:
         lines.append(f"FAILED {failed['shard']}: {failed['error']}")
     return "\n".join(lines)
+
+
+def model_line(summary: dict) -> str:
+    """Model, sha256 and backend: of this run, or of the outputs found when all were done."""
+    backend = summary.get("backend") or "unknown"
+    if summary.get("precision"):
+        backend += f" ({summary['precision']})"
+    line = f"model: {summary['model']}, sha256 {summary['model_sha256']}, backend {backend}"
+    if not summary["shards_done"] and summary["shards_skipped"]:
+        line += " (of the outputs found: every shard was already done)"
+    return line
+
+
+def class_lines(counts: dict[str, int], top: int = 5) -> list[str]:
+    """The most frequent predicted classes as a small table: name, images, share."""
+    if not counts:
+        return []
+    total = sum(counts.values())
+    shown = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    title = f"top {len(shown)} of {len(counts)} classes" if len(counts) > top else "classes"
+    name_width = max(len(str(name)) for name, _ in shown)
+    count_width = max(len(f"{n:,}") for _, n in shown)
+    return [f"{title} (images, share of the labeled ones):"] + [
+        f"  {name:<{name_width}}  {n:>{count_width},}  {n / total:6.1%}" for name, n in shown
+    ]
+
+
+def failed_file_lines(summary: dict, top: int = 5) -> list[str]:
+    """The first images that could not be labeled, with their reasons."""
+    failed = (summary.get("failed_files") or [])[:top]
+    if not failed:
+        return []
+    lines = [f"first {len(failed)} of {summary['errors']:,} error rows (the images not labeled):"]
+    lines += [f"  {f['file']} in {f['shard']}: {f['error']}" for f in failed]
+    return lines

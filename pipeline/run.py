@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pipeline.pool import Feed, ShardPool, Work, plan_actors
 from pipeline.progress import ProgressCallback, ProgressTracker
+from pipeline.ray_quiet import init_options, quiet_ray
 from pipeline.runspec import RunConfig, RunSummary, ShardResult
 from pipeline.workers import WorkerSpec
 from pipeline.writer import read_file_metadata
@@ -234,13 +235,17 @@ def run_labeling(
     config: RunConfig,
     on_shard_done: Callable[[ShardResult], None] | None = None,
     on_progress: ProgressCallback | None = None,
+    verbose: bool = False,
 ) -> RunSummary:
-    """The whole run: check everything, label every shard not done yet, write the summary."""
+    """The whole run: check everything, label every shard not done yet, write the summary.
+
+    `verbose` lets Ray's start-up notices and the workers' output through (see ray_quiet).
+    """
     started = time.monotonic()
     model = identify_model(config)
     partition, first_shards = preflight(config)
     planned = plan_shards(config, model.sha256, first_shards)
-    with ray_session(config.ray_address):
+    with ray_session(config.ray_address, verbose=verbose):
         summary = label_shards(
             planned,
             config,
@@ -301,7 +306,7 @@ def write_summary(config: RunConfig, partition: str, summary: RunSummary) -> str
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None) -> Iterator[None]:
+def ray_session(address: str | None, verbose: bool = False) -> Iterator[None]:
     """Join `address`, reuse a Ray this process already joined, or start a local one.
 
     A local Ray is started by this process, so its workers inherit this process's environment,
@@ -313,32 +318,38 @@ def ray_session(address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    kwargs = {"configure_logging": False, "log_to_driver": False}
+    kwargs = init_options(verbose)
     if address:
         check_reachable(address)
     try:
-        if address:
-            ray.init(address=address, **kwargs)
-        elif os.environ.get("RAY_ADDRESS"):
-            # Inside `ray job submit`, a RayJob or a worker pointed at a cluster: join it, and
-            # pass no local-start arguments (Ray refuses them when joining).
-            ray.init(**kwargs)
-        else:
-            # address="local" always starts our own Ray, never a stray `ray start` cluster on
-            # this machine. Results are small (Parquet goes straight to storage): a small store.
-            ray.init(
-                address="local",
-                include_dashboard=False,
-                object_store_memory=256 * 1024 * 1024,
-                **kwargs,
-            )
+        with quiet_ray(verbose):
+            _init_ray(ray, address, kwargs)
     except Exception as err:  # ConnectionError, TimeoutError, RuntimeError, ...
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise RunError(f"cannot start or join {where}: {_one_line(err)}") from None
     try:
         yield
     finally:
-        ray.shutdown()
+        with quiet_ray(verbose):
+            ray.shutdown()
+
+
+def _init_ray(ray, address: str | None, kwargs: dict[str, object]) -> None:
+    if address:
+        ray.init(address=address, **kwargs)
+    elif os.environ.get("RAY_ADDRESS"):
+        # Inside `ray job submit`, a RayJob or a worker pointed at a cluster: join it, and
+        # pass no local-start arguments (Ray refuses them when joining).
+        ray.init(**kwargs)
+    else:
+        # address="local" always starts our own Ray, never a stray `ray start` cluster on
+        # this machine. Results are small (Parquet goes straight to storage): a small store.
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            object_store_memory=256 * 1024 * 1024,
+            **kwargs,
+        )
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
