@@ -32,6 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-attempts", type=int, default=3, help="tries per shard")
     parser.add_argument("--decode-threads", type=int, help="decode threads per actor")
     parser.add_argument(
+        "--decode",
+        choices=("auto", "cpu", "device"),
+        default="auto",
+        help="where JPEGs are decoded and resized: device = in batches on the model's GPU"
+        " (needs the gpu extra), cpu = Pillow in threads, auto = device on CUDA (default)",
+    )
+    parser.add_argument(
         "--compile-cache",
         default=os.environ.get("MIXER_LABEL_COMPILE_CACHE") or None,
         metavar="URI",
@@ -66,6 +73,7 @@ def config_from_args(args: argparse.Namespace):
             embeddings=args.embeddings,
             max_attempts=args.max_attempts,
             decode_threads=args.decode_threads,
+            decode=args.decode,
             compile_cache=args.compile_cache,
         )
     except ValueError as err:

@@ -23,6 +23,7 @@ from flows.drift import DriftReport, compare
 
 Backend = Literal["auto", "torch", "onnxruntime", "tensorrt"]
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
+Decode = Literal["auto", "cpu", "device"]
 
 
 def Param(title: str, description: str, **constraints: Any) -> FieldInfo:
@@ -222,6 +223,16 @@ def label_images(
     batch_size: Annotated[
         int, Param(title="Batch size", description="Images per forward pass.", ge=1, le=4096)
     ] = 64,
+    decode: Annotated[
+        Decode,
+        Param(
+            title="Decode",
+            description="Where JPEGs are decoded and resized. device: in batches on the "
+            "model's GPU (nvJPEG via torchvision, the gpu extra), so the GPU does not wait on "
+            "CPU cores; other formats still go through Pillow. cpu: Pillow in threads. auto: "
+            "device where the model runs on CUDA and torchvision imports, else cpu.",
+        ),
+    ] = "auto",
     ray_address: Annotated[
         str,
         Param(
@@ -270,6 +281,7 @@ def label_images(
         backend=backend,
         precision=precision,
         batch_size=batch_size,
+        decode=decode,
         ray_address=ray_address.strip() or None,
         actors=actors or None,
         date=partition,

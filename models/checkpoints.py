@@ -113,6 +113,7 @@ def detect_format(path: Path) -> str:
     """'npz', 'torch' or 'safetensors', from the bytes, not the file name."""
     with open(path, "rb") as f:
         head = f.read(16)
+    size = path.stat().st_size
     if head[:4] == b"PK\x03\x04":
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -120,12 +121,12 @@ def detect_format(path: Path) -> str:
             return "npz"
         if any(n.endswith("data.pkl") for n in names):
             return "torch"
+    # safetensors before the pickle test: its 8-byte header length starts with 0x80 whenever
+    # that length is 128 mod 256 (one file in 256 was read as a pickle).
+    elif len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size:
+        return "safetensors"
     elif head[:1] == b"\x80":  # a bare pickle: torch's legacy format
         return "torch"
-    elif len(head) >= 9 and head[8:9] == b"{":
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if header_len < path.stat().st_size:
-            return "safetensors"
     raise CheckpointError(
         f"{path}: unknown checkpoint format (expected official .npz, timm .pth or .safetensors)"
     )

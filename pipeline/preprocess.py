@@ -86,6 +86,27 @@ def decode_rgb(
     min_side: the short side the caller will resize to; JPEGs may then be decoded at a reduced
     scale (never below DRAFT_MARGIN x min_side). None decodes at full size.
     """
+    image = open_image(data, limits)
+    fmt = image.format or "image"
+    try:
+        if min_side and fmt in _JPEG_FORMATS:
+            # DCT scaling: decode 1/2..1/8 of the pixels; keeps both sides >= the requested ones.
+            target = min_side * DRAFT_MARGIN
+            image.draft(image.mode, (target, target))
+        image.load()
+    except Exception as err:
+        raise _corrupt(err, fmt) from None
+    with contextlib.suppress(Exception):  # unreadable EXIF: keep the pixels as stored
+        ImageOps.exif_transpose(image, in_place=True)
+    return to_rgb(image)
+
+
+def open_image(data: bytes | None, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """The image's header only (no pixel decoded yet), with the byte and pixel limits checked.
+
+    Shared by the Pillow path and the device path (pipeline.device_decode), so both refuse
+    the same files with the same one-line errors before any decode.
+    """
     if not data:
         raise ImageError("empty file (0 bytes)")
     if len(data) > limits.max_bytes:
@@ -105,18 +126,7 @@ def decode_rgb(
         raise ImageError(f"too large: {width}x{height} pixels exceeds limit {limits.max_pixels}")
     if width < 1 or height < 1:
         raise ImageError(f"corrupt image: {width}x{height} pixels")
-    fmt = image.format or "image"
-    try:
-        if min_side and fmt in _JPEG_FORMATS:
-            # DCT scaling: decode 1/2..1/8 of the pixels; keeps both sides >= the requested ones.
-            target = min_side * DRAFT_MARGIN
-            image.draft(image.mode, (target, target))
-        image.load()
-    except Exception as err:
-        raise _corrupt(err, fmt) from None
-    with contextlib.suppress(Exception):  # unreadable EXIF: keep the pixels as stored
-        ImageOps.exif_transpose(image, in_place=True)
-    return to_rgb(image)
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -296,12 +306,15 @@ def decode_in_threads(
     is decoding while the model runs. An exception from the records iterator (a storage
     failure) is raised here, after the records before it.
     """
-    decode = functools.partial(_decode_one, preprocessing=preprocessing, limits=limits)
+    decode = functools.partial(decode_record, preprocessing=preprocessing, limits=limits)
     ahead = ahead or max(128, 4 * threads)
     return background_map(decode, records, max(1, threads), ahead, name="decode")
 
 
-def _decode_one(record: Record, preprocessing: Preprocessing, limits: ImageLimits) -> Decoded:
+def decode_record(
+    record: Record, preprocessing: Preprocessing, limits: ImageLimits = ImageLimits()
+) -> Decoded:
+    """One record through the Pillow path: (record, array, None) or (record, None, error)."""
     if record.data is None or record.error is not None:
         return record, None, record.error or "no image data"
     try:

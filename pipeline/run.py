@@ -185,6 +185,7 @@ def label_shards(
         image_column=config.image_column,
         storage_options=_storage_options(config),
         decode_threads=config.decode_threads,
+        decode=config.decode,
         compile_cache=config.compile_cache,
         run_id=summary.run_id,
         code_version=code_version(),

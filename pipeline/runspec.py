@@ -39,6 +39,9 @@ class RunConfig:
     # reported in failed_shards; the other shards finish either way.
     max_attempts: int = 3
     decode_threads: int | None = None  # per actor; None: from the actor's CPUs
+    # auto, cpu (Pillow in threads) or device (batched JPEG decode on the predictor's device,
+    # pipeline.device_decode); auto picks device where the predictor is on CUDA.
+    decode: str = "auto"
     # s3:// prefix or folder every node can reach: compiled models (CPU AOT packages,
     # TensorRT engines) are built once for the cluster there; None: per node, locally.
     compile_cache: str | None = None
@@ -54,6 +57,15 @@ class RunConfig:
             raise ValueError(f"images_per_shard must be at least 1, not {self.images_per_shard}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, not {self.max_attempts}")
+        if self.decode not in ("auto", "cpu", "device"):
+            raise ValueError(f"decode must be one of auto, cpu, device, not {self.decode!r}")
+        if self.decode == "device":
+            # Before any work: without torchvision every actor would fail at start.
+            from pipeline.device_decode import torchvision_problem
+
+            problem = torchvision_problem()
+            if problem:
+                raise ValueError(problem)
         self.partition_date()  # fail on a bad date now, not after the actors started
 
     def partition_date(self) -> str:

@@ -2,7 +2,9 @@
 
 `ShardLabeler` is a plain class (tested without Ray); `actor_class()` wraps it as a Ray actor.
 Inside a shard, reading and decoding run in a thread pool ahead of the model (decode_in_threads),
-so the device does not wait for I/O; rows keep the shard's input order.
+so the device does not wait for I/O; rows keep the shard's input order. With decode "device"
+(pipeline.device_decode) the threads only download and check headers, and JPEGs are decoded
+and preprocessed in batches on the predictor's device, one batch ahead of the model.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class WorkerSpec:
     backend: str = "auto"
     precision: str = "auto"
     device: str = "auto"
+    decode: str = "auto"  # auto, cpu (Pillow in threads), device (pipeline.device_decode)
     batch_size: int = 64
     topk: int = 5
     embeddings: bool = False
@@ -73,6 +76,18 @@ class ShardLabeler:
             threads=spec.threads,
             cache_store=compile_cache_store(spec),
         )
+        from pipeline.device_decode import resolve_decode
+
+        # Resolved here, once: a device decode that cannot work fails the actor's start (one
+        # line, before any shard), not every shard.
+        self.decode = resolve_decode(
+            spec.decode, self.predictor.device, self.predictor.preprocessing
+        )
+        self._model_stream = (
+            torch.cuda.Stream(self.predictor.device)
+            if self.decode == "device" and self.predictor.device.startswith("cuda")
+            else None
+        )
         self._storages: dict[str, object] = {}
         # A GPU actor labels two shards at once (see pipeline.pool); the model runs one batch
         # at a time while the other shard's images decode.
@@ -107,12 +122,15 @@ class ShardLabeler:
             self.spec.image_column,
             fetch_threads=4 * decode_threads,
         )
-        decoded = decode_in_threads(
-            records, self.predictor.preprocessing, decode_threads, ImageLimits()
-        )
         table = ShardTable(shard.name, self.predictor.label_names, self.spec.embeddings)
         predictor = _Serialized(self.predictor, self._predict_lock)
-        timing = label_decoded(decoded, predictor, table, self.spec.batch_size, self.spec.topk)
+        if self.decode == "device":
+            timing = self._label_on_device(records, predictor, table, decode_threads)
+        else:
+            decoded = decode_in_threads(
+                records, self.predictor.preprocessing, decode_threads, ImageLimits()
+            )
+            timing = label_decoded(decoded, predictor, table, self.spec.batch_size, self.spec.topk)
         metadata = file_metadata(self, shard)
         self.storage(output_uri).put_atomic(output_uri, to_parquet_bytes(table.to_table(metadata)))
         return ShardResult(
@@ -131,6 +149,27 @@ class ShardLabeler:
             worker_pid=os.getpid(),
             worker_node=self.node_id,
         )
+
+    def _label_on_device(self, records, predictor, table: ShardTable, threads: int) -> Timing:
+        """Threads download and check headers; one thread decodes batch k+1 on the device
+        while this one runs batch k through the model (pipeline.device_decode)."""
+        import functools
+
+        from pipeline.background import background_map
+        from pipeline.device_decode import DeviceBatcher, prepare
+        from pipeline.preprocess import ImageLimits
+
+        limits = ImageLimits()
+        batcher = DeviceBatcher(self.predictor.preprocessing, self.predictor.device, limits)
+        check = functools.partial(
+            prepare, preprocessing=batcher.preprocessing, limits=limits, pin=batcher.cuda
+        )
+        batch_size = self.spec.batch_size
+        prepared = background_map(check, records, threads, max(128, 2 * batch_size), "header")
+        batches = background_map(
+            batcher.build, batcher.windows(prepared, batch_size), 0, 2, "device-decode"
+        )
+        return label_batches(batches, predictor, table, self.spec.topk, self._model_stream)
 
 
 class _Serialized:
@@ -237,6 +276,38 @@ def _row_error(record, image: np.ndarray | None, error: str | None) -> str | Non
     return None
 
 
+def label_batches(batches, predictor, table: ShardTable, topk: int, stream=None) -> Timing:
+    """Add the rows of device batches (pipeline.device_decode.DeviceBatch) to `table`.
+
+    stream: the CUDA stream the model runs on; each batch is waited for by its event there, so
+    the decode stream and the model stream overlap and only the logits come back to the host.
+    """
+    import contextlib
+
+    import torch
+
+    timing = Timing()
+    iterator = iter(batches)
+    while True:
+        start = time.perf_counter()
+        item = next(iterator, None)
+        timing.wait_s += time.perf_counter() - start
+        if item is None:
+            return timing
+        keys = [p.record.key for p in item.items]
+        truth = [p.record.label for p in item.items]
+        start = time.perf_counter()
+        context = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with context:
+            if item.event is not None:
+                current = torch.cuda.current_stream(item.batch.device)
+                current.wait_event(item.event)
+                item.batch.record_stream(current)  # the allocator must not reuse it early
+            labels, scores, features = predict_batch(predictor, item.batch, topk, table.embeddings)
+        timing.model_s += time.perf_counter() - start
+        table.add_rows(keys, item.errors, truth, labels, scores, features)
+
+
 def predict_topk(
     predictor, arrays: list[np.ndarray], topk: int, embeddings: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -244,9 +315,20 @@ def predict_topk(
     import torch
 
     if not arrays:
+        return predict_batch(predictor, None, topk, embeddings)
+    batch = torch.from_numpy(np.ascontiguousarray(np.stack(arrays), dtype=np.float32))
+    return predict_batch(predictor, batch, topk, embeddings)
+
+
+def predict_batch(
+    predictor, batch, topk: int, embeddings: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """predict_topk for a ready (N, 3, S, S) float32 tensor on any device (None: no images)."""
+    import torch
+
+    if batch is None or len(batch) == 0:
         empty = np.zeros((0, topk), np.int32)
         return empty, empty.astype(np.float32), np.zeros((0, 0), np.float16) if embeddings else None
-    batch = torch.from_numpy(np.ascontiguousarray(np.stack(arrays), dtype=np.float32))
     features = None
     if embeddings:
         logits, feats = predictor.predict_with_features(batch)

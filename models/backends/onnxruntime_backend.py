@@ -65,6 +65,8 @@ class OnnxRuntimePredictor(Predictor):
         self.session = ort.InferenceSession(str(self.onnx_path), options, providers=providers)
 
     def _run(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feed = {INPUT_NAME: np.ascontiguousarray(batch.numpy(), dtype=np.float32)}
+        # .cpu(): a device-decoded batch (pipeline.device_decode) may arrive on the GPU; this
+        # session is fed from host memory.
+        feed = {INPUT_NAME: np.ascontiguousarray(batch.cpu().numpy(), dtype=np.float32)}
         logits, features = self.session.run([OUTPUT_NAME, FEATURES_NAME], feed)
         return torch.from_numpy(logits).float(), torch.from_numpy(features).float()

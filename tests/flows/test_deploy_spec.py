@@ -18,6 +18,7 @@ FLOW_PARAMETERS = [
     "backend",
     "precision",
     "batch_size",
+    "decode",
     "ray_address",
     "actors",
     "date",
@@ -123,6 +124,8 @@ def test_flow_parameter_form_explains_itself():
         assert prop["title"] != name, f"{name} has no human title"
     assert properties["backend"]["enum"] == ["auto", "torch", "onnxruntime", "tensorrt"]
     assert properties["batch_size"]["default"] == 64 and properties["batch_size"]["minimum"] == 1
+    assert properties["decode"]["enum"] == ["auto", "cpu", "device"]
+    assert properties["decode"]["default"] == "auto"
     assert properties["date"]["default"] is None
     assert {"format": "date", "type": "string"} in properties["date"]["anyOf"]
     assert properties["force"] == {**properties["force"], "type": "boolean", "default": False}

@@ -285,3 +285,21 @@ def test_identity_reads_no_weights_into_memory(tmp_path):
     peak_mb = float(done.stdout.split()[-1])
     print(f"identity peak {peak_mb:.1f} MB for a {path.stat().st_size / 2**20:.0f} MB file")
     assert peak_mb < 16
+
+
+def test_a_safetensors_header_length_of_128_mod_256_is_not_read_as_a_pickle(tmp_path) -> None:
+    """Its first byte is then 0x80, a pickle's protocol opcode; the format is told by byte 8."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    from models.checkpoints import detect_format
+
+    path = tmp_path / "w.safetensors"
+    for pad in range(0, 512, 8):
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"pad": "x" * pad})
+        (length,) = struct.unpack("<Q", path.read_bytes()[:8])
+        if length % 256 == 128:
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    assert detect_format(path) == "safetensors"

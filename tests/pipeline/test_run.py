@@ -72,9 +72,12 @@ def _write_good_shards(bucket: str, shards: int, images: int, size=(48, 40)) -> 
     )
 
 
+@pytest.mark.parametrize("decode", ["cpu", "device"])
 def test_every_image_exactly_once_broken_ones_as_error_rows(
-    ray_local, s3_bucket, tiny_model, capsys
+    decode, ray_local, s3_bucket, tiny_model, capsys
 ) -> None:
+    if decode == "device":
+        pytest.importorskip("torchvision", reason="--decode device needs the gpu extra")
     storage = open_storage(f"s3://{s3_bucket}")
     keys = _write_good_shards(s3_bucket, shards=3, images=5)
     zoo = imagegen.broken_zoo()
@@ -86,7 +89,7 @@ def test_every_image_exactly_once_broken_ones_as_error_rows(
     code = cli_main(
         ["run", f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", "--model", tiny_model]
         + ["--date", DATE, "--batch-size", "4", "--image-column", "jpg"]
-        + ["--embeddings", "--topk", "3", "--no-progress", "--json"]
+        + ["--embeddings", "--topk", "3", "--no-progress", "--json", "--decode", decode]
     )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
