@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import pickle
 import re
 import struct
@@ -230,9 +231,17 @@ def save_checkpoint(model: MlpMixer, path: str | Path) -> str:
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     _sort_safetensors_header(tmp)
+    # safetensors creates its file 0600; a checkpoint is shared like any file (umask decides).
+    tmp.chmod(0o666 & ~_umask())
     tmp.replace(path)
     model.sha256 = file_sha256(path)
     return model.sha256
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _sort_safetensors_header(path: Path) -> None:

@@ -167,6 +167,30 @@ def test_own_format_keeps_config_labels_and_preprocessing(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
+def test_checkpoints_are_written_like_any_file_by_the_umask(tmp_path):
+    import os
+    import stat
+
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(build_preset("tiny"), path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_current_umask()
+    previous = os.umask(0o027)
+    try:
+        save_checkpoint(build_preset("tiny"), path)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def _current_umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def test_unknown_format_and_missing_file(tmp_path):
     (tmp_path / "notes.txt").write_text("hello, not weights")
     with pytest.raises(CheckpointError, match="notes.txt.*unknown checkpoint format"):
