@@ -18,15 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from models.backends.calibration import synthetic_images
-
-TIMM_NAMES = {  # (patch, hidden, blocks) -> timm model of that geometry at 224 px
-    (32, 512, 8): "mixer_s32_224",
-    (16, 512, 8): "mixer_s16_224",
-    (32, 768, 12): "mixer_b32_224",
-    (16, 768, 12): "mixer_b16_224",
-    (32, 1024, 24): "mixer_l32_224",
-    (16, 1024, 24): "mixer_l16_224",
-}
+from models.presets import timm_name
 
 
 @dataclass
@@ -243,10 +235,8 @@ def repeat_to(images: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def timm_reference_name(config) -> str | None:
-    """timm's model with `config`'s geometry at 224 px, if there is one."""
-    if config.image_size != 224:
-        return None
-    return TIMM_NAMES.get((config.patch_size, config.hidden_dim, config.num_blocks))
+    """timm's model with `config`'s geometry at 224 px, if there is one (models.presets)."""
+    return timm_name(config)
 
 
 def current_rss_bytes() -> int:

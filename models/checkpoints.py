@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.mixer import MixerConfig, MlpMixer, build_preset, preset_config
+from models.config import MixerConfig
+from models.mixer import MlpMixer, build_preset
 from models.preprocessing import Preprocessing
+from models.presets import SOURCES, preset_config, source_preprocessing
 
 FORMAT_TAG = "mixer-label/1"
 
@@ -96,10 +98,6 @@ TIMM_BLOCK = {
     "channel_mixing.fc2.bias": "mlp_channels.fc2.bias",
 }
 TIMM_BLOCK_PREFIX = "blocks.{i}."
-
-# The published checkpoints' preprocessing (design.md); timm resizes bicubic.
-OFFICIAL_PREPROCESSING = Preprocessing(224, 0.875, "bilinear")
-TIMM_PREPROCESSING = Preprocessing(224, 0.875, "bicubic")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -272,10 +270,11 @@ def _load_npz(path: Path) -> MlpMixer:
         raise CheckpointError(f"{path}: refused a pickled array in the .npz ({err})") from None
     config = _npz_geometry(path, arrays)
     table = _expand(NPZ_GLOBAL, NPZ_BLOCK, NPZ_BLOCK_PREFIX, config.num_blocks)
+    check_keys(path, arrays, {theirs for theirs, _ in table.values()})
     state = {}
     for ours, (theirs, transform) in table.items():
         state[ours] = _take(path, arrays, theirs, transform)
-    return _assemble(path, config, state, OFFICIAL_PREPROCESSING.replace_size(config.image_size))
+    return _assemble(path, config, state, source_preprocessing("official", config.image_size))
 
 
 def _strip_prefix(key: str) -> str:
@@ -300,7 +299,7 @@ def _npz_geometry(path: Path, arrays: Mapping[str, np.ndarray]) -> MixerConfig:
         channels_mlp_dim=channel.shape[1],
         num_classes=head.shape[1],
         image_size=_image_size(path, token.shape[0], stem.shape[0]),
-        gelu="tanh",
+        gelu=SOURCES["official"].gelu,
     )
 
 
@@ -339,11 +338,12 @@ def _load_timm(path: Path, tensors: Mapping[str, torch.Tensor]) -> MlpMixer:
         channels_mlp_dim=channel.shape[0],
         num_classes=head.shape[0],
         image_size=_image_size(path, token.shape[1], stem.shape[2]),
-        gelu="erf",  # timm's nn.GELU default
+        gelu=SOURCES["timm"].gelu,  # timm's nn.GELU default
     )
     table = _expand(TIMM_GLOBAL, TIMM_BLOCK, TIMM_BLOCK_PREFIX, config.num_blocks)
+    check_keys(path, arrays, set(table.values()))
     state = {ours: _take(path, arrays, theirs, _same) for ours, theirs in table.items()}
-    preprocessing = TIMM_PREPROCESSING.replace_size(config.image_size)
+    preprocessing = source_preprocessing("timm", config.image_size)
     return _assemble(path, config, state, preprocessing)
 
 
@@ -358,8 +358,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tenso
 
     The safetensors library validates the header (offsets inside the file, no overlaps, size =
     dtype x shape); the bytes are then read with readinto rather than through its memory map,
-    whose pages would count in the process's resident memory beside the copies: loading B/16
-    peaked at 691 MB that way, against 240 MB of weights.
+    whose pages would count in the process's resident memory beside the copies (about three
+    times the weights' size at the peak, BENCHMARKS.md).
     """
     from safetensors import SafetensorError, safe_open
 
@@ -403,6 +403,7 @@ def _load_safetensors(path: Path) -> MlpMixer:
     del tensors  # fp32 tensors share memory with their arrays; others are copies now
     with torch.device("meta"):  # the keys only: no memory, no random init
         expected = MlpMixer(config).state_dict().keys()
+    check_keys(path, arrays, set(expected))
     state = {k: _take(path, arrays, k, _same) for k in expected}
     return _assemble(
         path, config, state, preprocessing, label_names, metadata.get("name") or path.stem
@@ -422,6 +423,20 @@ def _expand(global_table: dict, block_table: dict, block_prefix: str, blocks: in
             else:
                 table[f"blocks.{i}.{ours}"] = theirs_prefix + theirs
     return table
+
+
+def check_keys(path: Path, found: Mapping[str, object], wanted: set[str]) -> None:
+    """Fail unless the file's keys are exactly `wanted`, naming every missing and leftover one.
+
+    A leftover key means the file is not what the loader took it for (another architecture,
+    a deeper model, a different head), so it must not load silently (as vit_jax's
+    `inspect_params`).
+    """
+    missing, unexpected = sorted(wanted - set(found)), sorted(set(found) - wanted)
+    if missing or unexpected:
+        parts = [f"missing keys {missing}"] if missing else []
+        parts += [f"unexpected keys {unexpected}"] if unexpected else []
+        raise CheckpointError(f"{path}: keys do not match the model: {'; '.join(parts)}")
 
 
 def _require(path: Path, arrays: Mapping[str, np.ndarray], key: str) -> np.ndarray:

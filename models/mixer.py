@@ -7,96 +7,14 @@ and a linear head. Speed tricks live in `models/backends/`, never here.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from torch import nn
 
+from models.config import GeluKind, MixerConfig
 from models.preprocessing import Preprocessing
+from models.presets import PRESETS, preset_config
 
-GeluKind = Literal["tanh", "erf"]
-
-
-@dataclass(frozen=True)
-class MixerConfig:
-    """Geometry of one Mixer; the paper's names in brackets."""
-
-    patch_size: int = 16  # P
-    hidden_dim: int = 768  # C
-    num_blocks: int = 12  # N
-    tokens_mlp_dim: int = 384  # D_S
-    channels_mlp_dim: int = 3072  # D_C
-    num_classes: int = 1000
-    image_size: int = 224
-    # The official Flax code uses the tanh approximation, timm the exact erf: a checkpoint
-    # must run with the GELU it was trained with.
-    gelu: GeluKind = "tanh"
-
-    def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-            )
-        if self.gelu not in ("tanh", "erf"):
-            raise ValueError(f"gelu must be 'tanh' or 'erf', not {self.gelu!r}")
-
-    @property
-    def num_tokens(self) -> int:
-        """S: patches per image."""
-        return (self.image_size // self.patch_size) ** 2
-
-    def replace(self, **changes: object) -> MixerConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, object]) -> MixerConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown MixerConfig fields: {sorted(unknown)}")
-        return cls(**data)  # type: ignore[arg-type]
-
-    def macs_per_image(self) -> int:
-        """Multiply-accumulates of one forward pass (matmuls and the stem; norms ignored)."""
-        s, c = self.num_tokens, self.hidden_dim
-        stem = s * c * 3 * self.patch_size**2
-        token_mixing = 2 * c * s * self.tokens_mlp_dim
-        channel_mixing = 2 * s * c * self.channels_mlp_dim
-        head = c * self.num_classes
-        return stem + self.num_blocks * (token_mixing + channel_mixing) + head
-
-
-# (patch, C, blocks, D_S, D_C) from Table 1 of the paper, plus small ones for tests and demos.
-PRESETS: dict[str, MixerConfig] = {
-    "S/32": MixerConfig(32, 512, 8, 256, 2048),
-    "S/16": MixerConfig(16, 512, 8, 256, 2048),
-    "B/32": MixerConfig(32, 768, 12, 384, 3072),
-    "B/16": MixerConfig(16, 768, 12, 384, 3072),
-    "L/32": MixerConfig(32, 1024, 24, 512, 4096),
-    "L/16": MixerConfig(16, 1024, 24, 512, 4096),
-    "H/14": MixerConfig(14, 1280, 32, 640, 5120),
-    # Small enough for unit tests on two CPU cores.
-    "tiny": MixerConfig(8, 64, 2, 32, 128, num_classes=10, image_size=32),
-    # Sized for the demo: digits upscaled to 32 px, trained on CPU in a minute or two.
-    "demo": MixerConfig(4, 128, 4, 64, 256, num_classes=10, image_size=32),
-}
-
-
-def preset_config(name: str) -> MixerConfig:
-    """The preset called `name` ("B/16", "mixer_b16", "b16" all work)."""
-    key = name.strip()
-    for prefix in ("mixer_", "mixer-", "Mixer-"):
-        if key.lower().startswith(prefix.lower()):
-            key = key[len(prefix) :]
-    for preset in PRESETS:
-        if key.lower() in (preset.lower(), preset.replace("/", "").lower()):
-            return PRESETS[preset]
-    raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+__all__ = ["PRESETS", "MixerConfig", "MlpMixer", "build_preset", "preset_config"]
 
 
 class MlpBlock(nn.Module):

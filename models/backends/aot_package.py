@@ -1,8 +1,8 @@
 """Ahead-of-time compiled CPU predictors: an AOTInductor package built once, cached, loaded fast.
 
-`torch.compile` in every worker costs its start-up (about 14 s for B/16 on 2 cores) and its
-memory: Dynamo, Inductor and sympy stay imported, and tracing plus the C++ build leave about
-265 MB resident. Here the frozen `FusedMixer` is exported and compiled once by AOTInductor
+`torch.compile` in every worker costs its start-up (seconds per model) and its memory:
+Dynamo, Inductor and sympy stay imported, and tracing plus the C++ build leave hundreds of MB
+resident (BENCHMARKS.md). Here the frozen `FusedMixer` is exported and compiled once by AOTInductor
 (`torch.export` + `aoti_compile_and_package`, freezing on: oneDNN-prepacked weights live in
 the package as constants), in a child process so none of the compiler's memory is ever the
 worker's. Workers run the package's shared library with torch's C++ runner (`torch._C._aoti`),

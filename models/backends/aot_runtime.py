@@ -33,7 +33,7 @@ class AotModel:
     `library` is the package's shared library, extracted (`extract_library`). It is run by
     torch's C++ container runner, which holds the constants in one malloc'd buffer at 16 bytes
     past a 64-byte line: oneDNN's AMX kernels then read every weight tile across two cache
-    lines (B/16: 0.64x the speed of the same kernels on aligned weights). So the constants are
+    lines, measurably slower than on aligned weights (BENCHMARKS.md). So the constants are
     copied into aligned tensors, the model is pointed at them, and the old buffer's pages are
     given back.
     """

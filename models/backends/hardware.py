@@ -191,7 +191,7 @@ def tensorrt_version() -> str | None:
 
 
 def torchao_version() -> str | None:
-    """The installed torchao's version, without importing it (215 MB resident); None if absent."""
+    """The installed torchao's version, without importing it (it stays resident); None if absent."""
     try:
         if importlib.util.find_spec("torchao") is None:
             return None

@@ -4,18 +4,15 @@ CPU:
 - fp32 and bf16 run `FusedMixer` (token-major, no transposes; bf16 *weights*, not autocast;
   GELU by table) compiled by Inductor with frozen weights: oneDNN gets prepacked weights with
   bias and residual add fused into its GEMMs, and each LayerNorm (with the residual add before
-  it) and each GELU becomes one vectorized pass. Measured on a shared 2-core AMX Xeon, B/16
-  bf16, batch 16, best of interleaved rounds: the paper's layout eager 32 img/s, compiled 50
-  (GEMMs alone: 99); in another run this module compiled with a computed tanh GELU 48, with
-  the GELU table 60 (GEMMs alone: 90).
+  it) and each GELU becomes one vectorized pass (BENCHMARKS.md: each step measured).
   Compilation is only worth it for models of about a GFLOP per image and more; small ones
   run the same module eagerly.
   A compiled predictor runs one batch shape: larger batches are split, a short last batch
   is padded, so nothing recompiles mid-shard.
   The compile is ahead of time (aot_package.py): an AOTInductor package built once in a
   child process, cached by weights, geometry, batch and host (locally, optionally on S3),
-  loaded in about a second without importing the compiler. Same speed as torch.compile in
-  this process (compile="jit"), 262 MB peak instead of 610 for B/16 (fresh process).
+  loaded without importing the compiler: the speed of torch.compile in this process
+  (compile="jit") at a fraction of its memory.
 - int8 compiled is static int8 (torch_int8.py) where torchao is installed and the CPU has
   VNNI/AMX: an AOT package too (quantized, calibrated and compiled in the child process, so
   the worker imports no torchao and never holds a quantized fp32 copy), or compiled in this
@@ -24,8 +21,7 @@ CPU:
   AMX/VNNI, fbgemm's x86 engine elsewhere.
 CUDA: the same module at fp32/bf16/fp16 with the channel MLP's GELU in cuBLASLt's GEMM
 epilogue (tanh-GELU models), compiled, replayed as a CUDA graph of one batch shape (static
-input buffer, padded last batch). Measured on an H100 (torch 2.11, B/16 bf16, batch 512):
-14,879 img/s; eager 10,880; the paper's layout eager 7,380; timm eager AMP 6,148.
+input buffer, padded last batch); BENCHMARKS.md has each step measured on an H100.
 """
 
 from __future__ import annotations

@@ -16,14 +16,13 @@ the hardware:
 - With `gelu_in_gemm` (CUDA, tanh GELU) the channel MLP's first GEMM applies its bias and
   GELU in cuBLASLt's epilogue (`torch._addmm_activation`, tanh form on CUDA), so its output,
   the widest activation, is written once instead of written, read and written again by a
-  separate GELU kernel; the second GEMM takes the residual as its accumulator. Measured on an
-  H100, B/16 bf16 compiled, batch 512: 14,879 img/s against 13,417 without (1.11x); the
-  separate GELU had been 14% of the GPU time. (On the CPU that op computes the erf form.)
+  separate GELU kernel; the second GEMM takes the residual as its accumulator. (On the CPU
+  that op computes the erf form.)
 - `token_gelu_in_gemm` (CUDA, tanh GELU; measured only as a bench/gpu_variants.py variant so
   far) does the same for the token MLP: its first GEMM is computed transposed,
   `Y^T (B*C, S) @ W^T (S, D_S)`, so the bias runs along columns as the epilogue wants, and the
   second GEMM reads that result transposed; cuBLAS takes transposed operands in place, so
-  nothing is copied. The token GELU with its bias had been 7% of the H100's time.
+  nothing is copied. BENCHMARKS.md has both epilogues measured on an H100.
 - The pooled features are averaged in fp32. `norm_in_fp32` also runs every LayerNorm in fp32
   (the ONNX export for TensorRT's strongly typed builds casts around each norm).
 """

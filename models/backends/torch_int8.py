@@ -11,30 +11,22 @@ oneDNN `qlinear_pointwise` calls with prepacked weights and fuses everything aro
   the residual in its epilogue.
 The rest runs in bf16 where the CPU has it ("int8 mixed bf16"), in fp32 elsewhere.
 
-Measured on a shared 2-core AMX Xeon (B/16, batch 16, one process, interleaved rounds, best
-of): 100 img/s against 64.5 for the compiled bf16 predictor (1.55x; batch 32 the same), 48% of
-the static int8 GEMM's limit. Dynamic quantization (activations quantized per batch, fp32
-outputs, nothing fused) ran 21.5 img/s.
-
 Where it runs: by default an AOTInductor package (aot_package.py). The build's child process
 imports torchao, quantizes, calibrates, exports and compiles (`package_module`); the worker
 only loads the package with torch's C++ runner: no torchao, no Inductor, no fp32 weights
 kept. Its cache key adds `package_recipe` (recipe version, torchao's version, mixed bf16,
-this file's and mixer.py's sources). Same B/16 machine, fresh processes, peak above torch's
-baseline: cached package 253 MB (created in 0.7 s), first build 255 MB in the worker (31 s;
-the child peaks at 1.4 GB), against 685 MB and 30 s compiling in-process (compile="jit",
-811 MB before the fp32 copy was dropped). Outputs are bit-identical to the jit path and the
-speed the same (int8 AOT / jit 1.01x best, 1.00x median; 1.45x bf16 AOT in that run). The
-package's constants must be realigned (AotModel): in the runner's buffer, 16 bytes off a
-cache line, the int8 GEMMs run 0.79x.
+this file's and mixer.py's sources). Its outputs are those of the jit path (compile="jit",
+quantized and compiled in this process), which keeps torchao, Inductor and a quantized copy
+resident. The package's constants must be realigned (aot_runtime.AotModel): oneDNN's int8
+GEMMs run slower on the runner's misaligned buffer. BENCHMARKS.md has the measured speed,
+memory and start-up of both paths.
 
 Two choices worth knowing:
-- GELU: a tanh-GELU model is quantized with the erf GELU. oneDNN's erf epilogue is 1.3x
-  faster than its tanh one on the largest GEMM, and the two differ by at most 5e-4, a
-  twentieth of the uint8 step of fc1's output.
+- GELU: a tanh-GELU model is quantized with the erf GELU: oneDNN's erf epilogue is faster
+  than its tanh one, and the two differ by far less than the uint8 step of fc1's output.
 - Calibration needs no data: `calibration_images` are synthetic (smooth noise and sharp
   blobs) whose per-tensor ranges the histogram observers turn into scales. Top-1 on real
-  images did not depend on the choice; the worst-case logits cosine did (see there).
+  images did not depend on the choice; the worst-case logits cosine did (BENCHMARKS.md).
 
 Without torchao, or where compiling fails, `create(..., precision="int8")` falls back to
 dynamically quantized Linears (torch_backend.DynamicInt8), with a log line saying why
@@ -66,8 +58,8 @@ RECIPE_VERSION = 1
 def static_int8_available(load: bool = False) -> bool:
     """torchao (its PT2E quantizer; torch.ao's copy was removed in torch 2.10) is installed.
 
-    Without `load` only its presence is checked: importing it costs a worker 215 MB for the
-    life of the process, and a worker loading a cached int8 package never needs it. Where it
+    Without `load` only its presence is checked: importing it costs a worker hundreds of MB
+    for the life of the process, and a worker loading a cached int8 package never needs it. Where it
     is present but broken, building the package (or quantize_static) fails and says so.
     """
     if torchao_version() is None:

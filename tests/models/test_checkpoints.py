@@ -130,6 +130,40 @@ def test_timm_state_dict_loads_with_exact_gelu(tmp_path):
         assert torch.allclose(loaded(x), model(x), atol=1e-6)
 
 
+def test_npz_with_leftover_keys_names_them_and_the_file(tmp_path):
+    extra = {"encoder_norm/scale": np.ones(64), "pre_logits/kernel": np.ones((2, 2))}
+    write_npz(build_preset("tiny"), tmp_path / "m.npz", drop="head/bias", **extra)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(tmp_path / "m.npz")
+    message = str(caught.value)
+    assert "m.npz" in message and "missing keys ['head/bias']" in message
+    assert "unexpected keys ['encoder_norm/scale', 'pre_logits/kernel']" in message
+
+
+def test_timm_state_dict_with_a_leftover_key_is_refused(tmp_path):
+    state = timm_state_dict(build_preset("tiny", gelu="erf"))
+    state["fc_norm.weight"] = torch.ones(64)
+    torch.save(state, tmp_path / "m.pth")
+    with pytest.raises(CheckpointError, match=r"m\.pth.*unexpected keys \['fc_norm\.weight'\]"):
+        load_checkpoint(tmp_path / "m.pth")
+
+
+def test_our_safetensors_with_a_leftover_key_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(build_preset("tiny"), path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    tensors["blocks.2.token_norm.weight"] = torch.ones(64)
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(CheckpointError, match=r"unexpected keys \['blocks\.2\.token_norm"):
+        load_checkpoint(path)
+
+
 class Payload:
     def __reduce__(self):
         return (print, ("this must never run",))

@@ -65,3 +65,40 @@ def test_gelu_kind_is_validated_and_used():
 def test_image_size_must_be_a_multiple_of_the_patch():
     with pytest.raises(ValueError, match="multiple"):
         MixerConfig(patch_size=16, image_size=100)
+
+
+# Every preset's parameter count, from the paper's Table 1 geometry (B/16 with 1000 classes:
+# 59,880,472, as timm's mixer_b16_224). A preset missing here fails the test below.
+EXPECTED_PARAMETERS = {
+    "S/32": 19_104_624,
+    "S/16": 18_528_264,
+    "B/32": 60_293_428,
+    "B/16": 59_880_472,
+    "L/32": 206_939_264,
+    "L/16": 208_196_168,
+    "H/14": 432_350_952,
+    "tiny": 48_938,
+    "demo": 306_826,
+}
+PAPER_MILLIONS = {"S/32": 19, "S/16": 18, "B/32": 60, "B/16": 59, "L/32": 206, "L/16": 207}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_presets_parameter_count_is_checked(name):
+    assert name in EXPECTED_PARAMETERS, f"preset {name!r} has no expected parameter count"
+    with torch.device("meta"):
+        count = MlpMixer(PRESETS[name]).num_parameters()
+    assert count == EXPECTED_PARAMETERS[name]
+    if name in PAPER_MILLIONS:  # the paper's Table 1 rounds (down or to nearest) to millions
+        assert abs(count / 1e6 - PAPER_MILLIONS[name]) < 1.3
+
+
+def test_each_weights_source_carries_its_own_preprocessing():
+    from models.presets import PRESET_CFGS, source_preprocessing, timm_name
+
+    b16 = PRESET_CFGS["B/16"]
+    assert b16.sources["official"].preprocessing.interpolation == "bilinear"
+    assert b16.sources["timm"].preprocessing.interpolation == "bicubic"
+    assert b16.sources["timm"].model_name == "mixer_b16_224" == timm_name(PRESETS["B/16"])
+    assert source_preprocessing("official", 384).input_size == 384
+    assert timm_name(PRESETS["tiny"]) is None
