@@ -53,5 +53,5 @@ clean:
 ## bench-pipeline: end to end (local S3 API → Parquet) vs model-only vs a plain Ray Data script
 bench-pipeline: $(DEV_STAMP)
 	$(BIN)/python -m bench.pipeline_bench --model B/16 --images 1024 --images-per-shard 128 \
-		--batch-size 32 --model-seconds 10 --repeat 2 --json bench-pipeline.json
+		--batch-size 32 --model-seconds 10 --repeat 2 --decode cpu,device --json bench-pipeline.json
 	$(BIN)/python -m bench.pipeline_bench --model B/16 --skip-throughput --listing-shards 10000

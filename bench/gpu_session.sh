@@ -30,3 +30,12 @@ echo "bench: exit $?"; grep -E '^\||GPU:|limit' "$OUT/bench.log" | tail -n 14
 timeout 90 python3 -m pytest -q -p no:cacheprovider -o addopts=-ra tests/models/test_gpu_backends.py \
   >"$OUT/gpu-tests.log" 2>&1
 echo "gpu tests: exit $?"; tail -n 8 "$OUT/gpu-tests.log"
+
+# ---------------------------------------------------------------------------------------------
+# Step (decode helper, issue 16): the actor's hot loop end to end on local tar shards made on
+# the spot (4,096 JPEGs of 500x375 at q90): --decode device vs --decode cpu with 4 threads vs
+# model only, in one call. Needs only this python3's torch + torchvision. Target: decode_device
+# >= 0.8x model_only using <= 4 CPU cores (BENCHMARKS.md, "GPU data path").
+timeout 240 python3 bench/gpu_pipeline.py --backend torch --precision bf16 --batch-size 512 \
+  --images 4096 --cpu-threads 4 --json "$OUT/gpu-pipeline.json" >"$OUT/gpu-pipeline.log" 2>&1
+echo "gpu pipeline: exit $?"; tail -n 6 "$OUT/gpu-pipeline.log"

@@ -2,7 +2,8 @@
 
 In one process, on the same images, model, backend and cores, it measures
 1. model-only throughput of the predictor (the ceiling; the target is ≥ 0.8× of it),
-2. the pipeline end to end (`run_labeling`),
+2. the pipeline end to end (`run_labeling`), once per `--decode` mode asked for (the first is
+   the headline "pipeline"; every mode is also under "pipeline_by_decode"),
 3. the plain Ray Data script in bench/raydata_baseline.py (the target is ≥ 1.0× of it),
 4. how soon the first shard is labeled on a prefix of many shards while it is still listed.
 
@@ -179,16 +180,18 @@ def _throughput(storage, bucket: str, endpoint: str, args, results: dict[str, An
     run_baseline = None if args.skip_raydata else _raydata_baseline()
     if run_baseline is None:
         results["raydata_skipped"] = "asked" if args.skip_raydata else "no bench/ checkout"
-    runs: dict[str, list[dict[str, Any]]] = {"model_only": [], "pipeline": [], "raydata": []}
+    decodes = decode_modes(args.decode)
+    runs: dict[str, list[dict[str, Any]]] = {"model_only": [], "raydata": []}
+    runs.update({f"decode:{mode}": [] for mode in decodes})
     for turn in range(args.repeat):
         runs["model_only"].append(
             model_only(
                 args.model, args.backend, args.precision, args.batch_size, args.model_seconds
             )
         )
-        runs["pipeline"].append(
-            _pipeline_run(images_uri, f"s3://{bucket}/ours-{turn}", endpoint, args)
-        )
+        for mode in decodes:
+            output = f"s3://{bucket}/ours-{mode}-{turn}"
+            runs[f"decode:{mode}"].append(_pipeline_run(images_uri, output, endpoint, args, mode))
         if run_baseline is not None:
             runs["raydata"].append(
                 run_baseline(
@@ -203,13 +206,30 @@ def _throughput(storage, bucket: str, endpoint: str, args, results: dict[str, An
                     endpoint_url=endpoint,
                 )
             )
+    best: dict[str, dict[str, Any]] = {}
     for name, tries in runs.items():
         if tries:
-            results[name] = max(tries, key=lambda r: r["images_per_s"])
-            results[name]["all_images_per_s"] = [round(r["images_per_s"], 2) for r in tries]
+            best[name] = max(tries, key=lambda r: r["images_per_s"])
+            best[name]["all_images_per_s"] = [round(r["images_per_s"], 2) for r in tries]
+    for name in ("model_only", "raydata"):
+        if name in best:
+            results[name] = best[name]
+    results["pipeline"] = best[f"decode:{decodes[0]}"]
+    results["pipeline_by_decode"] = {mode: best[f"decode:{mode}"] for mode in decodes}
 
 
-def _pipeline_run(images_uri: str, output_uri: str, endpoint: str, args) -> dict[str, Any]:
+def decode_modes(text: str) -> list[str]:
+    """`--decode cpu,device` -> ["cpu", "device"]; each a RunConfig.decode value."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in ("auto", "cpu", "device")]
+    if not modes or unknown:
+        raise SystemExit(f"--decode: expected auto, cpu or device (comma-separated), got {text!r}")
+    return list(dict.fromkeys(modes))
+
+
+def _pipeline_run(
+    images_uri: str, output_uri: str, endpoint: str, args, decode: str = "auto"
+) -> dict[str, Any]:
     from pipeline.run import RunConfig, run_labeling
 
     config = RunConfig(
@@ -222,6 +242,7 @@ def _pipeline_run(images_uri: str, output_uri: str, endpoint: str, args) -> dict
         images_per_shard=args.images_per_shard,
         s3_endpoint_url=endpoint,
         decode_threads=args.decode_threads,
+        decode=decode,
     )
     summary = run_labeling(config).to_dict()
     start = summary["first_shard_started_s"] or 0.0
@@ -235,6 +256,7 @@ def _pipeline_run(images_uri: str, output_uri: str, endpoint: str, args) -> dict
         "backend": summary["backend"],
         "precision": summary["precision"],
         "actors": summary["actors"],
+        "decode": decode,
         # Of the actors' shard time: in the model, and starved waiting for decoded images.
         "model_share": summary["model_seconds"] / max(1e-9, summary["shard_seconds"]),
         "wait_share": summary["wait_seconds"] / max(1e-9, summary["shard_seconds"]),
@@ -311,6 +333,8 @@ def _ratios(results: dict[str, Any]) -> None:
     results["pipeline_after_start_vs_model_only"] = steady / model_only
     if "raydata" in results:
         results["pipeline_vs_raydata"] = ours / results["raydata"]["images_per_s"]
+    for run in results.get("pipeline_by_decode", {}).values():
+        run["vs_model_only"] = run["images_per_s"] / model_only
 
 
 def _machine() -> dict[str, Any]:
@@ -338,8 +362,11 @@ def format_results(results: dict[str, Any]) -> str:
     if "pipeline" in results:
         pipeline = results["pipeline"]
         rows = [("model only", results["model_only"]["images_per_s"])]
-        rows.append(("pipeline end to end", pipeline["images_per_s"]))
+        label = f"pipeline (decode {pipeline['decode']})" if "decode" in pipeline else "pipeline"
+        rows.append((label, pipeline["images_per_s"]))
         rows.append(("  after its start-up", pipeline["images_per_s_after_start"]))
+        for mode, run in list(results.get("pipeline_by_decode", {}).items())[1:]:
+            rows.append((f"pipeline (decode {mode})", run["images_per_s"]))
         if "raydata" in results:
             rows.append(("Ray Data baseline", results["raydata"]["images_per_s"]))
         lines += [f"{name:<24} {rate:10.2f} images/s" for name, rate in rows]
@@ -375,6 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-throughput", action="store_true", help="only the listing test")
     parser.add_argument("--repeat", type=int, default=1, help="alternate contenders, keep best")
     parser.add_argument("--decode-threads", type=int, help="per actor (default: its CPUs)")
+    parser.add_argument(
+        "--decode",
+        default="auto",
+        help="pipeline contenders by decode mode, comma-separated: auto, cpu, device"
+        " (device on a CPU: torchvision's CPU decode + tensor preprocessing)",
+    )
     parser.add_argument("--s3-endpoint-url")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args(argv)

@@ -15,11 +15,14 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.runspec import FAILED_FILES_LISTED, ShardResult
-from pipeline.writer import ShardTable, to_parquet_bytes
+
+if TYPE_CHECKING:
+    from pipeline.writer import ShardTable
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ class ShardLabeler:
         )
         self._model_stream = (
             torch.cuda.Stream(self.predictor.device)
-            if self.decode == "device" and self.predictor.device.startswith("cuda")
+            if self.predictor.device.startswith("cuda")
             else None
         )
         self._storages: dict[str, object] = {}
@@ -109,28 +112,12 @@ class ShardLabeler:
 
     def label_shard(self, shard, output_uri: str) -> ShardResult:
         """Label every image of `shard` and write `output_uri` atomically."""
-        from pipeline.preprocess import ImageLimits, decode_in_threads
-        from pipeline.shards import read_records
+        # Imported here: the hot loop (label_into) runs without pyarrow (bench/gpu_pipeline.py).
+        from pipeline.writer import ShardTable, to_parquet_bytes
 
         started_at, start = time.time(), time.perf_counter()
-        decode_threads = self.spec.decode_threads or 2
-        # Loose-image shards are latency-bound GETs: a few in flight per decode thread keep the
-        # decoders fed; many more only add GIL contention next to the model.
-        records = read_records(
-            self.storage(shard.uri),
-            shard,
-            self.spec.image_column,
-            fetch_threads=4 * decode_threads,
-        )
         table = ShardTable(shard.name, self.predictor.label_names, self.spec.embeddings)
-        predictor = _Serialized(self.predictor, self._predict_lock)
-        if self.decode == "device":
-            timing = self._label_on_device(records, predictor, table, decode_threads)
-        else:
-            decoded = decode_in_threads(
-                records, self.predictor.preprocessing, decode_threads, ImageLimits()
-            )
-            timing = label_decoded(decoded, predictor, table, self.spec.batch_size, self.spec.topk)
+        timing = self.label_into(shard, table)
         metadata = file_metadata(self, shard)
         self.storage(output_uri).put_atomic(output_uri, to_parquet_bytes(table.to_table(metadata)))
         return ShardResult(
@@ -150,7 +137,34 @@ class ShardLabeler:
             worker_node=self.node_id,
         )
 
-    def _label_on_device(self, records, predictor, table: ShardTable, threads: int) -> Timing:
+    def label_into(self, shard, table, decode: str | None = None) -> Timing:
+        """The hot loop: read the shard's records, decode, run the model, add rows to `table`.
+
+        table: a pipeline.writer.ShardTable, or anything with its `add_rows` and `embeddings`
+        (bench/gpu_pipeline.py counts rows without pyarrow). decode: "cpu" or "device",
+        default the mode resolved at start.
+        """
+        from pipeline.preprocess import ImageLimits, decode_in_threads
+        from pipeline.shards import read_records
+
+        decode_threads = self.spec.decode_threads or 2
+        # Loose-image shards are latency-bound GETs: a few in flight per decode thread keep the
+        # decoders fed; many more only add GIL contention next to the model.
+        records = read_records(
+            self.storage(shard.uri),
+            shard,
+            self.spec.image_column,
+            fetch_threads=4 * decode_threads,
+        )
+        predictor = _Serialized(self.predictor, self._predict_lock)
+        if (decode or self.decode) == "device":
+            return self._label_on_device(records, predictor, table, decode_threads)
+        decoded = decode_in_threads(
+            records, self.predictor.preprocessing, decode_threads, ImageLimits()
+        )
+        return label_decoded(decoded, predictor, table, self.spec.batch_size, self.spec.topk)
+
+    def _label_on_device(self, records, predictor, table, threads: int) -> Timing:
         """Threads download and check headers; one thread decodes batch k+1 on the device
         while this one runs batch k through the model (pipeline.device_decode)."""
         import functools

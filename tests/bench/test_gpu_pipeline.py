@@ -1,0 +1,59 @@
+"""bench/gpu_pipeline.py runs with nothing but torch + torchvision (+ Pillow, numpy).
+
+On a GPU machine it is a step of bench/gpu_session.sh; here it runs on the CPU with the tiny
+model, with pyarrow, Ray, Prefect, boto3 and safetensors hidden, so the step cannot rot into
+needing the project's full environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+_HIDDEN = ("pyarrow", "ray", "prefect", "boto3", "safetensors", "onnxruntime", "sklearn", "moto")
+_RUN = """
+import runpy, sys
+for name in {hidden!r}:
+    sys.modules[name] = None  # not on a bare GPU machine
+sys.argv = ["gpu_pipeline.py", *sys.argv[1:]]
+runpy.run_path("bench/gpu_pipeline.py", run_name="__main__")
+"""
+
+
+def test_the_gpu_pipeline_bench_runs_on_a_bare_python_with_device_and_cpu_decode(tmp_path):
+    pytest.importorskip("torchvision", reason="the dev extra installs torchvision")
+    out = tmp_path / "gpu-pipeline.json"
+    args = ["--model", "tiny", "--device", "cpu", "--images", "48", "--images-per-shard", "16"]
+    args += ["--batch-size", "16", "--model-seconds", "0.2", "--repeat", "1", "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-c", _RUN.format(hidden=_HIDDEN), *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    for name in ("decode_device", "decode_cpu"):
+        run = results[name]
+        assert run["images"] == 48 and run["errors"] == 0
+        assert run["images_per_s"] > 0 and run["cores_used"] > 0 and run["vs_model_only"] > 0
+    assert results["model_only"]["images_per_s"] > 0
+    assert results["shards"]["count"] == 3 and results["spec"]["decode"] == "device"
+    assert "decode_device" in done.stdout and "model_only" in done.stdout
+
+
+def test_bench_pipeline_takes_decode_contenders_and_names_a_wrong_one():
+    from bench.pipeline_bench import decode_modes
+
+    assert decode_modes("cpu,device") == ["cpu", "device"]
+    assert decode_modes(" device , device") == ["device"]
+    with pytest.raises(SystemExit, match="--decode: expected auto, cpu or device"):
+        decode_modes("cpu,gpu")
