@@ -32,6 +32,7 @@ EXPECTED: tuple[tuple[str, str], ...] = (
     ("pipeline.train", "TrainError"),
     ("flows.deploy", "DeployError"),
     ("flows.demo", "DemoError"),
+    ("pipeline.local_servers", "ServerError"),
 )
 
 # Per command, broader errors that are still the user's to fix there: the bench builds every

@@ -343,14 +343,9 @@ def _init_ray(ray, address: str | None, kwargs: dict[str, object]) -> None:
         # pass no local-start arguments (Ray refuses them when joining).
         ray.init(**kwargs)
     else:
-        # address="local" always starts our own Ray, never a stray `ray start` cluster on
-        # this machine. Results are small (Parquet goes straight to storage): a small store.
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            object_store_memory=256 * 1024 * 1024,
-            **kwargs,
-        )
+        from pipeline.local_servers import init_local_ray
+
+        init_local_ray(ray_options=kwargs)
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

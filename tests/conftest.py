@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
+from flows.local_prefect import PrefectServerProcess, use_prefect_server
+from flows.local_prefect import prefect_server as prefect_server_process
 from pipeline.environ import patched_environ
+from pipeline.local_servers import local_ray, moto_server
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -29,42 +27,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     import shutil
 
     shutil.rmtree(os.environ.pop("MIXER_LABEL_CACHE", ""), ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server on port {port} exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
-
-
-@contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    """moto's S3 HTTP API in its own process on a free loopback port; yields its endpoint URL."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, process=process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @dataclass
@@ -165,96 +127,19 @@ def ray_local(s3_server: S3Server) -> Iterator[object]:
     """One local Ray for the session (starts after S3 so workers inherit its AWS_* env)."""
     import ray
 
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
-    yield ray
-    ray.shutdown()
-
-
-@dataclass
-class PrefectServer:
-    """A real `prefect server start` (API and UI) with its own PREFECT_HOME and sqlite db."""
-
-    api_url: str
-    ui_url: str
-    home: str
-    log_path: str
-
-    def log_tail(self, chars: int = 4000) -> str:
-        with open(self.log_path, errors="replace") as log:
-            return log.read()[-chars:]
+    # Two Ray CPUs on any host, so actor plans do not depend on the machine; default store.
+    with local_ray(num_cpus=2, object_store_bytes=None):
+        yield ray
 
 
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    """Prefect's API and UI on a free loopback port; PREFECT_API_URL points this process and its
-    children (served runs, workers) at it. The whole process group is killed afterwards."""
-    import signal
-    import urllib.request
-
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServerProcess]:
+    """Prefect's API and UI (`prefect server start`) on a free loopback port, with its own
+    PREFECT_HOME and sqlite db; PREFECT_API_URL points this process and its children (served
+    runs, workers) at it. The whole process group is stopped afterwards."""
     home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    patch = {
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": api_url,
-        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
-        "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
-    }
-    environ = contextlib.ExitStack()
-    environ.enter_context(patched_environ(patch))
-    log_path = home / "server.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - kept open for the server's lifetime
-    prefect_cli = os.path.join(os.path.dirname(sys.executable), "prefect")
-    process = subprocess.Popen(
-        [prefect_cli, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group, so teardown reaches every child
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"prefect server exited with {process.returncode}: "
-                    f"{log_path.read_text(errors='replace')[-2000:]}"
-                )
-            try:
-                with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"prefect server on port {port} not healthy within 120 s")
-            time.sleep(0.5)
-
-        from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
-
-        with temporary_settings({PREFECT_API_URL: api_url, PREFECT_HOME: str(home)}):
-            yield PrefectServer(api_url, f"http://127.0.0.1:{port}", str(home), str(log_path))
-            # Send this process's queued events and logs while the server still listens.
-            from prefect.events.worker import EventsWorker
-            from prefect.logging.handlers import APILogWorker
-
-            for service in (EventsWorker, APILogWorker):
-                service.drain_all(timeout=10)
-    finally:
-        environ.close()
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-        log.close()
+    with (
+        prefect_server_process(home) as server,
+        use_prefect_server(server.wait_until_healthy(), home),
+    ):
+        yield server

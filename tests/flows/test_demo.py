@@ -12,7 +12,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from flows.demo import MOTO_ENV, Checks, DemoOptions, run_demo
+from flows.demo import MOTO_ENV, DemoOptions, run_demo
+from flows.demo_report import Checks
 
 try:  # the labeling workers need a predictor; without one the demo cannot run at all
     from models.backends import create  # noqa: F401

@@ -353,8 +353,8 @@ def test_a_missing_local_input_folder_is_named_as_missing(tmp_path, tiny_model, 
 
 
 def test_unreachable_ray_address_fails_fast() -> None:
+    from pipeline.local_servers import free_port
     from pipeline.run import RunError, check_reachable
-    from tests.conftest import free_port
 
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     start = time.monotonic()
