@@ -1,4 +1,4 @@
-"""`mixer-label demo [--s3]`: the whole system on this machine, with a result you can check.
+"""The demo (`mixer-label demo [--s3]`): the whole system on this machine, with a checked result.
 
 Builds the digits data set (`.demo/shards/train|test/`, WebDataset tars with `.cls` labels and a
 few deliberately broken files), trains the small Mixer or reuses `.demo/model/` when data and

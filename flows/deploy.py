@@ -1,4 +1,4 @@
-"""`mixer-label deploy`: serve the `nightly` deployment here, or register it on a work pool.
+"""The `nightly` deployment (`mixer-label deploy`): served here, or registered on a work pool.
 
 The deployment is defined once, in `prefect.yaml` at the repo root (name, entrypoint,
 parameters, cron and time zone); flags override it for one deploy. With no flags the command

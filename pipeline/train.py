@@ -1,4 +1,4 @@
-"""`mixer-label train DATA --out DIR`: train a small Mixer on labeled shards, evaluate, save.
+"""Training (`mixer-label train DATA --out DIR`): a small Mixer on labeled shards, evaluated, saved.
 
 DATA holds `train/` and `test/` shard folders (WebDataset tars with `.cls` labels, or any shard
 format pipeline.shards reads), local or s3://. Images go through `pipeline.preprocess.load_image`
