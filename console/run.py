@@ -19,7 +19,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", help="auto, fp32, bf16, fp16, int8")
     parser.add_argument("--batch-size", type=int, default=64, help="images per model call")
     parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
-    parser.add_argument("--actors", type=int, help="actors (default: one per GPU, else per node)")
+    parser.add_argument(
+        "--actors",
+        type=int,
+        help="a fixed pool of N actors (default: an elastic pool, one actor per GPU, else per"
+        " CPU node, growing onto nodes that join)",
+    )
+    parser.add_argument(
+        "--min-actors",
+        type=int,
+        metavar="N",
+        help="elastic pool: idle actors beyond N stop as the queue drains, and the request to"
+        " the autoscaler never goes below N actors' worth while shards are left (default: 1)",
+    )
+    parser.add_argument(
+        "--max-actors",
+        type=int,
+        metavar="N",
+        help="elastic pool: at most N actors, and ask the autoscaler for up to N actors' worth"
+        " of GPUs (or CPUs) while shards are queued (default: no bound, no request)",
+    )
+    parser.add_argument(
+        "--actor-device",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="elastic pool: gpu = one actor per GPU, and the autoscaler is asked for GPUs even"
+        " before a GPU node joined (a cluster scaling GPU workers from zero); cpu = one actor"
+        " per node, GPUs unused; auto = GPUs once the cluster has any (default)",
+    )
     parser.add_argument("--date", help="output partition date YYYY-MM-DD (default: today, UTC)")
     parser.add_argument("--force", action="store_true", help="relabel shards already done")
     parser.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2)")
@@ -64,6 +91,9 @@ def config_from_args(args: argparse.Namespace):
             batch_size=args.batch_size,
             ray_address=args.ray_address,
             actors=args.actors,
+            min_actors=args.min_actors,
+            max_actors=args.max_actors,
+            actor_device=args.actor_device,
             date=args.date,
             force=args.force,
             s3_endpoint_url=args.s3_endpoint_url,

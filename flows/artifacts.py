@@ -65,6 +65,7 @@ def summary_markdown(summary: Mapping[str, Any], drift: DriftReport | None = Non
         f"| output | `{redact_uri(str(summary.get('partition_uri') or summary['output_uri']))}` |",
         f"| run id | `{summary['run_id']}` |",
     ]
+    lines += pool_markdown(summary)
     if drift is not None:
         lines += ["", *drift_markdown(drift).splitlines()]
     failed_shards = summary.get("failed_shards") or []
@@ -73,6 +74,22 @@ def summary_markdown(summary: Mapping[str, Any], drift: DriftReport | None = Non
         lines += [f"- `{item['shard']}`: {item['error']}" for item in failed_shards]
     lines += failed_files_markdown(summary)
     return "\n".join(lines) + "\n"
+
+
+def pool_markdown(summary: Mapping[str, Any]) -> list[str]:
+    """Rows for the actors and nodes (peak) and a section with the pool's size over time."""
+    nodes = summary.get("nodes") or {}
+    history = summary.get("pool_history") or []
+    peak_nodes = max((int(h["nodes"]) for h in history), default=len(nodes))
+    lines = [
+        f"| actors | {_int(summary.get('actors') or 0)} at most, on {_int(peak_nodes)} node(s) |",
+        f"| nodes that labeled | {_int(len(nodes))} |",
+    ]
+    if len(history) < 2:
+        return lines
+    lines += ["", "## Actors and nodes over time", "", "| time | actors | nodes |", "|---|---|---|"]
+    lines += [f"| {float(h['t_s']):,.1f} s | {h['actors']} | {h['nodes']} |" for h in history]
+    return lines
 
 
 def failed_files_markdown(summary: Mapping[str, Any]) -> list[str]:

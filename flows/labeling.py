@@ -245,10 +245,32 @@ def label_images(
         int,
         Param(
             title="Actors",
-            description="Ray actors (model replicas); 0 = one per GPU, or per CPU slot.",
+            description="A fixed pool of this many Ray actors (model replicas); 0 = an "
+            "elastic pool: one actor per GPU (or per CPU node on a CPU-only cluster), "
+            "growing onto nodes that join during the run.",
             ge=0,
         ),
     ] = 0,
+    min_actors: Annotated[
+        int | None,
+        Param(
+            title="Min actors",
+            description="Elastic pool (Actors = 0): idle actors beyond this many stop as the "
+            "queue drains, so their nodes can scale down; the autoscaler request never goes "
+            "below it while shards are left. Empty = 1.",
+            ge=0,
+        ),
+    ] = None,
+    max_actors: Annotated[
+        int | None,
+        Param(
+            title="Max actors",
+            description="Elastic pool (Actors = 0): at most this many actors, and the run asks "
+            "the autoscaler for up to this many actors' worth of GPUs (or CPUs) while shards "
+            "are queued, lowered as they drain. Empty = no bound and no request.",
+            ge=1,
+        ),
+    ] = None,
     date: Annotated[
         dt.date | None,
         Param(
@@ -284,6 +306,10 @@ def label_images(
         decode=decode,
         ray_address=ray_address.strip() or None,
         actors=actors or None,
+        min_actors=min_actors,
+        max_actors=max_actors,
+        # the cluster's shape, a deployment-level setting like the endpoint (job variables)
+        actor_device=os.environ.get("MIXER_LABEL_ACTOR_DEVICE") or "auto",
         date=partition,
         force=force,
         s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or None,

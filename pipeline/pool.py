@@ -3,18 +3,22 @@
 The driver holds only shard descriptions and object references; images never pass through it.
 An actor takes work only while it is known to be alive: after a crash Ray restarts it (reloading
 the model) and a ping says when it is back; an actor whose node is gone for good is replaced.
+A fixed pool (`plan_actors`) is sized once; an elastic one (`Elastic`, pipeline.elastic) gets
+actors on the nodes that join, drops those of nodes that leave and stops idle ones at the end.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import queue
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pipeline.background import Background
+from pipeline.elastic import Elastic
 from pipeline.runspec import ShardResult
 from pipeline.workers import WorkerSpec, actor_class
 
@@ -29,6 +33,7 @@ class ActorPlan:
     decode_threads: int = 2
     device: str = "cpu"
     node_id: str | None = None  # preferred node (soft: a restart may land elsewhere)
+    pinned: bool = False  # node_id is a must (elastic pools: an actor belongs to its node)
 
 
 def plan_actors(nodes: list[dict[str, Any]], requested: int | None = None) -> list[ActorPlan]:
@@ -63,6 +68,14 @@ def plan_actors(nodes: list[dict[str, Any]], requested: int | None = None) -> li
         for r, node_id in zip(resources, (n.get("NodeID") for n in alive), strict=True)
         if int(r.get("CPU", 0)) > 0
     ]
+
+
+def node_plan(node: dict[str, Any], gpu_cluster: bool) -> ActorPlan:
+    """One actor pinned to `node`: a GPU of it on a GPU cluster, else all of its CPUs."""
+    resources = node.get("Resources", {})
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    plan = _gpu_plan(cpus // gpus if gpus else 0, 1.0) if gpu_cluster else _cpu_plan(cpus)
+    return replace(plan, node_id=node["NodeID"], pinned=True)
 
 
 def _cpu_plan(cpus: int, node_id: str | None = None) -> ActorPlan:
@@ -111,6 +124,9 @@ class Feed(Background):
         super().close(wait)  # a slow listing must not hold up the end of a run
 
 
+log = logging.getLogger(__name__)
+
+
 class PoolError(RuntimeError):
     """The workers cannot run at all (e.g. the model or backend fails to load on them)."""
 
@@ -125,6 +141,8 @@ class ShardPool:
         max_attempts: int = 3,
         tasks_per_actor: int = 2,
         stall_timeout_s: float = 600.0,
+        elastic: Elastic | None = None,
+        on_change: Callable[[int, int], None] | None = None,
     ) -> None:
         import ray
 
@@ -134,19 +152,25 @@ class ShardPool:
         # Two tasks per actor: the next shard is already queued when one finishes.
         self.tasks_per_actor = tasks_per_actor
         self.stall_timeout_s = stall_timeout_s
+        self.elastic = elastic
+        self._on_change = on_change
         self._actor_class = actor_class()
         self._replacements_left = max(4, 2 * len(plans))
         self._last_death = ""
+        self._started = time.monotonic()
+        # (seconds since the pool started, alive actors, nodes they are on), on every change.
+        self.history: list[tuple[float, int, int]] = []
+        self.peak_actors = 0
         self.slots = [self._start(plan) for plan in plans]
 
     def _start(self, plan: ActorPlan) -> _Slot:
-        from dataclasses import replace
-
         options: dict[str, Any] = {"num_cpus": plan.num_cpus, "num_gpus": plan.num_gpus}
         if plan.node_id:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(plan.node_id, soft=True)
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                plan.node_id, soft=not plan.pinned
+            )
         spec = replace(
             self.spec,
             threads=plan.threads,
@@ -164,6 +188,9 @@ class ShardPool:
     def close(self) -> None:
         for slot in self.slots:
             self._ray.kill(slot.handle, no_restart=True)
+        self.slots = []
+        if self.elastic is not None:
+            self.elastic.release()
 
     def run(self, feed: Feed) -> Iterator[ShardResult]:
         """Label every `Work` that `feed` yields; ShardResults in it (skipped) pass through."""
@@ -171,7 +198,9 @@ class ShardPool:
         pending: collections.deque[Work] = collections.deque()  # retries go first
         in_flight: dict[Any, tuple[Work, _Slot]] = {}
         idle_since: float | None = None
+        self._changed()  # the pool's size over time starts here
         while True:
+            self._watch(pending, in_flight, feed)
             # Pull from the listing: skipped shards pass at once, work waits for an actor. The
             # buffer is small, so the driver never holds more than a few shards ahead.
             while len(pending) < self._buffer and not feed.done:
@@ -190,7 +219,7 @@ class ShardPool:
                 slot.in_flight += 1
             if feed.done and not pending and not in_flight:
                 return
-            if not self.slots:
+            if not self.slots and self.elastic is None:
                 reason = f"every worker died ({self._last_death})"
                 yield from self._fail_all(pending, feed, reason)
                 return
@@ -211,6 +240,7 @@ class ShardPool:
             for ref in ready:
                 if ref in pings:
                     self._ping_done(ref, pings[ref])
+                    self._changed()
                     continue
                 work, slot = in_flight.pop(ref)
                 slot.in_flight -= 1
@@ -219,6 +249,56 @@ class ShardPool:
                     pending.appendleft(work)
                 else:
                     yield result
+
+    # --- elastic: grow onto nodes that join, drop lost ones, stop idle ones (pipeline.elastic)
+
+    def _watch(self, pending, in_flight, feed: Feed) -> None:
+        elastic = self.elastic
+        if elastic is None:
+            return
+        queued = len(pending) + len(in_flight)
+        if feed.done and not pending:
+            self._retire_idle()
+        if not elastic.due():
+            return
+        alive = elastic.observe(self._ray.nodes())
+        by_id = {node["NodeID"]: node for node in alive}
+        for slot in list(self.slots):
+            if slot.plan.pinned and slot.plan.node_id not in by_id:
+                self._drop(slot, "its node left the cluster")
+        actors_on = collections.Counter(slot.plan.node_id for slot in self.slots)
+        for node_id in elastic.openings(alive, actors_on, len(self.slots)):
+            log.info("node %s has room: starting an actor there", node_id[:12])
+            self.slots.append(self._start(node_plan(by_id[node_id], elastic.gpu_cluster)))
+        elastic.ask(elastic.wanted(queued, feed.done))
+        self._changed()
+
+    def _retire_idle(self) -> None:
+        """Nothing left to hand out: stop idle actors beyond min_actors (their nodes go idle)."""
+        for slot in list(self.slots):
+            if slot.in_flight == 0 and self.elastic.may_retire(len(self.slots)):
+                self._drop(slot, "no shard left for it")
+
+    def _drop(self, slot: _Slot, why: str) -> None:
+        log.info("stopping the actor on node %s: %s", (slot.plan.node_id or "?")[:12], why)
+        self._ray.kill(slot.handle, no_restart=True)
+        self.slots.remove(slot)
+        self._changed()
+
+    def _changed(self) -> None:
+        """Record (and report) the alive actors and their nodes when they change."""
+        alive = [slot for slot in self.slots if slot.alive]
+        state = (len(alive), len({slot.plan.node_id for slot in alive}))
+        if self.history and self.history[-1][1:] == state:
+            return
+        self.history.append((round(time.monotonic() - self._started, 1), *state))
+        self.peak_actors = max(self.peak_actors, state[0])
+        if self._on_change is not None:
+            self._on_change(*state)
+
+    def _node_alive(self, node_id: str | None) -> bool:
+        alive = {node["NodeID"] for node in self._ray.nodes() if node.get("Alive")}
+        return node_id in alive
 
     @property
     def _buffer(self) -> int:
@@ -241,6 +321,12 @@ class ShardPool:
             ray.get(ref)
             slot.alive = True
         except ray.exceptions.ActorDiedError as err:
+            if slot.plan.pinned and not self._node_alive(slot.plan.node_id):
+                # Its node is gone: the watcher starts actors where there is room now.
+                self._last_death = _first_line(err)
+                if slot in self.slots:
+                    self._drop(slot, "its node left the cluster")
+                return
             if "creation task" in str(err) or "__init__" in str(err):
                 raise PoolError(f"workers cannot start: {_first_line(err)}") from None
             self._last_death = _first_line(err)
@@ -249,6 +335,8 @@ class ShardPool:
             slot.ping = slot.handle.ping.remote()  # unreachable for now: ask again
 
     def _replace(self, slot: _Slot) -> None:
+        if slot not in self.slots:
+            return
         self._ray.kill(slot.handle, no_restart=True)
         if self._replacements_left <= 0:
             self.slots.remove(slot)

@@ -43,6 +43,8 @@ class ProgressEvent:
     elapsed_s: float  # since the first shard started on a worker (actor start-up excluded)
     images_per_s: float
     eta_s: float | None
+    actors: int = 0  # alive in the pool now
+    nodes: int = 0  # the nodes they are on
     result: Any = None  # the ShardResult that caused this event, if one did
 
     @property
@@ -81,6 +83,9 @@ class ProgressEvent:
         parts.append(f"{self.errors:,} {'error' if self.errors == 1 else 'errors'}")
         parts.append(f"{self.images_per_s:,.0f} img/s")
         parts.append(f"ETA {format_seconds(self.eta_s)}")
+        if self.actors:
+            actors = "1 actor" if self.actors == 1 else f"{self.actors} actors"
+            parts.append(f"{actors} on {self.nodes} node{'' if self.nodes == 1 else 's'}")
         return ", ".join(parts)
 
 
@@ -128,6 +133,7 @@ class ProgressTracker:
         self._counted_bytes = 0
         self._images = self._errors = 0
         self._first_start: float | None = None  # epoch seconds, from ShardResult.started_at
+        self._actors = self._nodes = 0
 
     def listed(self, shard: Any, skipped: bool) -> None:
         """A shard the listing yielded (skipped: already done, nothing to label)."""
@@ -177,6 +183,12 @@ class ProgressTracker:
                     self._first_start = min(first or result.started_at, result.started_at)
         self._emit(result)
 
+    def pool_changed(self, actors: int, nodes: int) -> None:
+        """The pool now has `actors` alive actors on `nodes` nodes (collecting thread)."""
+        with self._lock:
+            self._actors, self._nodes = actors, nodes
+        self._emit(None)
+
     def track(self, planned: Iterable[Any]) -> Iterator[Any]:
         """Pass PlannedShards through, counting each; `listing_done` when they end."""
         for item in planned:
@@ -210,6 +222,8 @@ class ProgressTracker:
                 elapsed_s=elapsed,
                 images_per_s=rate,
                 eta_s=eta,
+                actors=self._actors,
+                nodes=self._nodes,
                 result=result,
             )
 

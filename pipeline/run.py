@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.elastic import Elastic, RequestHook, ray_request_resources
 from pipeline.pool import Feed, ShardPool, Work, plan_actors
 from pipeline.progress import ProgressCallback, ProgressTracker
 from pipeline.ray_quiet import init_options, quiet_ray
@@ -155,11 +156,14 @@ def label_shards(
     run_id: str | None = None,
     started: float | None = None,
     on_progress: ProgressCallback | None = None,
+    request_resources: RequestHook | None = ray_request_resources,
 ) -> RunSummary:
-    """Label the planned shards on a pool of actors sized from the connected Ray cluster.
+    """Label the planned shards on a pool of actors on the connected Ray cluster.
 
     `on_shard_done` gets each ShardResult; `on_progress` a ProgressEvent (images done and
-    total, rate, ETA) after each shard and when the listing ends.
+    total, rate, ETA, actors) after each shard, when the pool changes and at the end. The pool
+    is `config.actors` fixed actors, or else elastic (pipeline.elastic) and then, with
+    `config.max_actors`, asks the autoscaler for what it can use through `request_resources`.
     """
     import ray
 
@@ -190,10 +194,26 @@ def label_shards(
         run_id=summary.run_id,
         code_version=code_version(),
     )
-    plans = plan_actors(ray.nodes(), config.actors)
-    summary.actors = len(plans)
-    pool = ShardPool(spec, plans, max_attempts=config.max_attempts)
     tracker = ProgressTracker([on_progress])
+    elastic = None
+    if config.actors:
+        plans = plan_actors(ray.nodes(), config.actors)
+    else:
+        plans = []  # the elastic pool starts actors on the alive nodes at its first look
+        elastic = Elastic(
+            min_actors=1 if config.min_actors is None else config.min_actors,
+            max_actors=config.max_actors,
+            request=request_resources,
+            gpu_cluster=config.actor_device == "gpu",
+            cpu_only=config.actor_device == "cpu",
+        )
+    pool = ShardPool(
+        spec,
+        plans,
+        max_attempts=config.max_attempts,
+        elastic=elastic,
+        on_change=tracker.pool_changed,
+    )
     feed = Feed(_as_work(tracker.track(planned)))
     try:
         for result in pool.run(feed):
@@ -209,6 +229,10 @@ def label_shards(
     finally:
         feed.close()
         pool.close()
+    summary.actors = max(pool.peak_actors, len(plans))
+    summary.pool_history = [
+        {"t_s": t, "actors": actors, "nodes": nodes} for t, actors, nodes in pool.history
+    ]
     summary.shards_total = summary.shards_done + summary.shards_skipped + summary.shards_failed
     summary.seconds = time.monotonic() - started
     return summary

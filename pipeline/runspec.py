@@ -27,7 +27,16 @@ class RunConfig:
     precision: str = "auto"
     batch_size: int = 64
     ray_address: str | None = None
-    actors: int | None = None
+    actors: int | None = None  # a fixed pool of this many; None: elastic (min/max_actors)
+    # The elastic pool's bounds. min_actors (None: 1) is the floor of the resource request and
+    # of the idle actors stopped at the end; max_actors (None: no bound, and no request to the
+    # autoscaler) caps the actors and what the run asks the autoscaler for.
+    min_actors: int | None = None
+    max_actors: int | None = None
+    # What an elastic pool's actors run on: "gpu" (one per GPU; the autoscaler is asked for GPUs
+    # even before a GPU node has joined), "cpu" (one per node, GPUs unused), or "auto" (GPUs
+    # once the cluster has any, else CPU nodes).
+    actor_device: str = "auto"
     date: str | dt.date | None = None  # the output partition; today (UTC) when None
     force: bool = False
     s3_endpoint_url: str | None = None
@@ -51,6 +60,19 @@ class RunConfig:
             raise ValueError(f"batch_size must be at least 1, not {self.batch_size}")
         if self.actors is not None and self.actors < 1:
             raise ValueError(f"actors must be at least 1, not {self.actors}")
+        if self.actors is not None and (self.min_actors, self.max_actors) != (None, None):
+            raise ValueError(
+                "actors is a fixed pool size; min_actors/max_actors bound an elastic one: "
+                "give one or the other"
+            )
+        if self.actor_device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"actor_device must be auto, cpu or gpu, not {self.actor_device!r}")
+        if self.min_actors is not None and self.min_actors < 0:
+            raise ValueError(f"min_actors must be at least 0, not {self.min_actors}")
+        if self.max_actors is not None and self.max_actors < max(1, self.min_actors or 0):
+            raise ValueError(
+                f"max_actors must be at least 1 and at least min_actors, not {self.max_actors}"
+            )
         if self.topk < 1:
             raise ValueError(f"topk must be at least 1, not {self.topk}")
         if self.images_per_shard < 1:
@@ -109,6 +131,7 @@ class ShardResult:
     started_at: float | None = None  # epoch seconds when the worker began the shard
     worker_pid: int | None = None  # the process that labeled it (debugging, fault tests)
     worker_node: str | None = None  # its Ray node id, when it ran under Ray
+    worker_device: str | None = None  # the GPU's name, or the CPU's model
 
 
 @dataclass
@@ -134,7 +157,10 @@ class RunSummary:
     failed_files: list[dict[str, str]] = field(default_factory=list)  # the first error rows
     class_counts: dict[str, int] = field(default_factory=dict)
     partition_uri: str = ""  # output_uri/date=YYYY-MM-DD, where the Parquet files are
-    actors: int = 0
+    actors: int = 0  # the most actors alive at once
+    nodes: dict[str, int] = field(default_factory=dict)  # Ray node id (hex) -> shards labeled
+    # How the pool changed: {"t_s": seconds into labeling, "actors": alive, "nodes": theirs}.
+    pool_history: list[dict[str, float]] = field(default_factory=list)
     # Summed over shards (all actors): wait_seconds near 0 means the model never starved.
     shard_seconds: float = 0.0
     model_seconds: float = 0.0
@@ -164,6 +190,8 @@ class RunSummary:
         if not self.shards_done:  # the backend of this run, not of the outputs it found
             self.backend, self.precision = result.backend, result.precision
         self.shards_done += 1
+        if result.worker_node:
+            self.nodes[result.worker_node] = self.nodes.get(result.worker_node, 0) + 1
         self.images += result.images
         self.shard_seconds += result.seconds
         self.model_seconds += result.model_seconds

@@ -96,6 +96,7 @@ class ShardLabeler:
         # at a time while the other shard's images decode.
         self._predict_lock = threading.Lock()
         self.node_id = _ray_node_id()
+        self.device_name = device_name(str(self.predictor.device))
 
     def ping(self) -> int:
         """The worker's process id, once the model is loaded (used as a liveness check)."""
@@ -135,6 +136,7 @@ class ShardLabeler:
             started_at=started_at,
             worker_pid=os.getpid(),
             worker_node=self.node_id,
+            worker_device=self.device_name,
         )
 
     def label_into(self, shard, table, decode: str | None = None) -> Timing:
@@ -224,7 +226,21 @@ def file_metadata(labeler: ShardLabeler, shard) -> dict[str, str]:
         "run_id": labeler.spec.run_id,
         "code_version": labeler.spec.code_version,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "worker_node": labeler.node_id or "",
+        "worker_device": labeler.device_name,
     }
+
+
+def device_name(device: str) -> str:
+    """What labeled a shard, for lineage: the GPU's name ("NVIDIA H200"), or the CPU's model."""
+    from models.backends.hardware import cpu_info, gpu_info
+
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        gpu = gpu_info(index)
+        if gpu is not None:
+            return gpu.name
+    return cpu_info().model_name
 
 
 @dataclass

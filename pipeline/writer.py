@@ -27,6 +27,8 @@ METADATA_KEYS = (
     "run_id",
     "code_version",
     "created_at",
+    "worker_node",  # the Ray node id (hex) of the actor that labeled the shard ("" outside Ray)
+    "worker_device",  # the GPU's name, or the CPU's model
 )
 
 FOOTER_TAIL_BYTES = 64 * 1024  # one ranged read fetches the footer of any normal shard file

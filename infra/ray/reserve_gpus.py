@@ -1,7 +1,9 @@
 """Ask a Ray cluster's autoscaler for N GPUs and wait until they have joined; 0 releases them.
 
-`mixer-label run` starts one actor per GPU the cluster has when the run starts. On an
-autoscaling cluster that starts with a head only, reserve the night's GPUs first:
+Optional: `mixer-label run --max-actors N --actor-device gpu` asks the autoscaler for GPUs
+itself and grows onto them as they join (docs/scaling-out.md). Reserving first still helps
+when the first shards should not wait for nodes to boot, and gives a fixed pool (`--actors N`)
+its GPUs:
 
     python infra/ray/reserve_gpus.py 16 --timeout 1800 && mixer-label run ...
     python infra/ray/reserve_gpus.py 0        # let idle nodes go again

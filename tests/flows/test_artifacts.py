@@ -71,6 +71,23 @@ def test_summary_names_counts_speed_model_backend_and_output():
     assert "Failed files" not in text
 
 
+def test_summary_shows_actors_and_nodes_over_time():
+    history = [
+        {"t_s": 0.0, "actors": 0, "nodes": 0},
+        {"t_s": 4.2, "actors": 1, "nodes": 1},
+        {"t_s": 31.0, "actors": 3, "nodes": 2},
+        {"t_s": 95.5, "actors": 1, "nodes": 1},
+    ]
+    nodes = {"aa" * 28: 10, "bb" * 28: 5}
+    text = summary_markdown({**SUMMARY, "actors": 3, "nodes": nodes, "pool_history": history})
+    assert "| actors | 3 at most, on 2 node(s) |" in text
+    assert "| nodes that labeled | 2 |" in text
+    assert "## Actors and nodes over time" in text
+    assert "| 31.0 s | 3 | 2 |" in text and "| 95.5 s | 1 | 1 |" in text
+    # A summary from before the pool history (or a pool that never changed) has no table.
+    assert "over time" not in summary_markdown(SUMMARY)
+
+
 def test_summary_names_the_first_failed_files_with_their_reasons():
     failed = [
         {"file": f"img-{i:04d}.jpg", "shard": "train-000001", "error": "truncated JPEG"}

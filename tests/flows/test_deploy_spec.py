@@ -21,6 +21,8 @@ FLOW_PARAMETERS = [
     "decode",
     "ray_address",
     "actors",
+    "min_actors",
+    "max_actors",
     "date",
     "force",
 ]
@@ -127,5 +129,10 @@ def test_flow_parameter_form_explains_itself():
     assert properties["decode"]["enum"] == ["auto", "cpu", "device"]
     assert properties["decode"]["default"] == "auto"
     assert properties["date"]["default"] is None
+    for bound in ("min_actors", "max_actors"):
+        assert properties[bound]["default"] is None
+        assert {"type": "integer", "minimum": 0 if bound == "min_actors" else 1} in properties[
+            bound
+        ]["anyOf"]
     assert {"format": "date", "type": "string"} in properties["date"]["anyOf"]
     assert properties["force"] == {**properties["force"], "type": "boolean", "default": False}

@@ -194,12 +194,20 @@ def test_raycluster_gpu_groups_scale_from_zero():
         assert group["maxReplicas"] >= 1, group["groupName"]
 
 
-def test_rayjob_cluster_has_a_fixed_size():
-    """KubeRay submits once every pod is ready: the driver then sees every GPU it will get."""
-    spec = one("rayjob.yaml", "RayJob")["spec"]["rayClusterSpec"]
-    assert spec["enableInTreeAutoscaling"] is False
+def test_rayjob_gpu_workers_scale_from_zero_to_what_the_run_asks_for():
+    """The run asks for --max-actors GPUs; the groups can give that many, starting from none."""
+    job = one("rayjob.yaml", "RayJob")["spec"]
+    spec = job["rayClusterSpec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
     for group in spec["workerGroupSpecs"]:
-        assert group["minReplicas"] == group["replicas"] == group["maxReplicas"] >= 1
+        assert group["minReplicas"] == group.get("replicas", 0) == 0, group["groupName"]
+    from console import main as cli
+
+    args = cli.build_parser().parse_args(shlex.split(job["entrypoint"])[1:])
+    assert args.actor_device == "gpu"  # asks for GPUs before any GPU pod exists
+    # One GPU per pod (test_gpu_worker_groups_ask_for_whole_gpus): maxReplicas GPUs in all.
+    assert args.max_actors == sum(g["maxReplicas"] for g in spec["workerGroupSpecs"])
 
 
 @pytest.mark.parametrize(("name", "spec"), list(cluster_specs()))

@@ -67,3 +67,57 @@ def _env() -> dict[str, str]:
 
     paths = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+@pytest.mark.slow
+def test_the_pool_grows_onto_a_node_that_joins_within_max_actors(s3_server, s3_bucket, tmp_path):
+    storage = open_storage(f"s3://{s3_bucket}")
+    keys = imagegen.write_tar_shards(
+        storage, f"s3://{s3_bucket}/in", shards=10, images_per_shard=4, size=(64, 48)
+    )
+    model = tmp_path / "tiny.safetensors"
+    save_checkpoint(build_preset("tiny"), model)
+    script = REPO / "tests" / "pipeline" / "elastic_scenario.py"
+    args = [f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", str(model), "2024-05-02"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    report = json.loads(lines[-1][len("RESULT ") :])
+    summary, first, added = report["summary"], report["first_node"], report["added"]
+    assert summary["shards_failed"] == 0 and summary["shards_done"] == 10
+    # One actor joined, on one of the two new nodes: max_actors=2 held.
+    assert summary["actors"] == 2
+    assert max(actors for actors, _ in report["actors_seen"]) == 2
+    assert first in summary["nodes"] and len(summary["nodes"]) == 2
+    (grown,) = set(summary["nodes"]) - {first}
+    assert grown in added and summary["nodes"][grown] >= 1
+    assert sum(summary["nodes"].values()) == 10
+    # _SUCCESS.json carries the same node -> shards count.
+    success = json.loads(storage.get(f"s3://{s3_bucket}/out/date=2024-05-02/_SUCCESS.json"))
+    assert success["nodes"] == summary["nodes"]
+    assert max(h["actors"] for h in success["pool_history"]) == 2
+    # The request: two actors' worth while shards were queued, lowered to nothing at the end.
+    requests = report["requests"]
+    print(f"requests {requests}; pool {summary['pool_history']}; nodes {summary['nodes']}")
+    assert requests[0] == 2 and requests[-1] == 0 and max(requests) == 2, requests
+    if report["kv_after"][0] is not None:  # autoscaler v1 reads it from the GCS
+        assert report["kv_after"][0] == [{"CPU": 1.0}, {"CPU": 1.0}]
+        assert report["kv_after"][-1] == []
+    # Every image exactly once; each file names the node and device that labeled it.
+    rows, per_node = [], Counter()
+    for info in storage.list(f"s3://{s3_bucket}/out"):
+        if info.uri.endswith(".parquet"):
+            table = pq.read_table(io.BytesIO(storage.get(info.uri)))
+            rows += table.column("key").to_pylist()
+            metadata = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+            per_node[metadata["worker_node"]] += 1
+            assert metadata["worker_device"]
+    assert Counter(rows) == Counter(keys)
+    assert dict(per_node) == summary["nodes"]
