@@ -76,6 +76,9 @@ def summary_markdown(summary: Mapping[str, Any], drift: DriftReport | None = Non
     return "\n".join(lines) + "\n"
 
 
+POOL_ROWS_SHOWN = 10  # first and last changes of the pool shown in the summary
+
+
 def pool_markdown(summary: Mapping[str, Any]) -> list[str]:
     """Rows for the actors and nodes (peak) and a section with the pool's size over time."""
     nodes = summary.get("nodes") or {}
@@ -88,8 +91,11 @@ def pool_markdown(summary: Mapping[str, Any]) -> list[str]:
     if len(history) < 2:
         return lines
     lines += ["", "## Actors and nodes over time", "", "| time | actors | nodes |", "|---|---|---|"]
-    lines += [f"| {float(h['t_s']):,.1f} s | {h['actors']} | {h['nodes']} |" for h in history]
-    return lines
+    rows = [f"| {float(h['t_s']):,.1f} s | {h['actors']} | {h['nodes']} |" for h in history]
+    if len(rows) > 2 * POOL_ROWS_SHOWN:  # a churning cluster: its start and its end
+        skipped = len(rows) - 2 * POOL_ROWS_SHOWN
+        rows = [*rows[:POOL_ROWS_SHOWN], f"| ({skipped} changes) | | |", *rows[-POOL_ROWS_SHOWN:]]
+    return lines + rows
 
 
 def failed_files_markdown(summary: Mapping[str, Any]) -> list[str]:

@@ -86,6 +86,10 @@ def test_summary_shows_actors_and_nodes_over_time():
     assert "| 31.0 s | 3 | 2 |" in text and "| 95.5 s | 1 | 1 |" in text
     # A summary from before the pool history (or a pool that never changed) has no table.
     assert "over time" not in summary_markdown(SUMMARY)
+    churn = [{"t_s": float(t), "actors": t % 3, "nodes": t % 3} for t in range(50)]
+    text = summary_markdown({**SUMMARY, "pool_history": churn})
+    assert "| (30 changes) | | |" in text and "| 49.0 s | 1 | 1 |" in text
+    assert "| 10.0 s |" not in text
 
 
 def test_summary_names_the_first_failed_files_with_their_reasons():
