@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ def main(args: argparse.Namespace) -> int:
     spec = replace(spec, parameters=absolute_paths(spec.parameters))
     check_spec(spec)
     url = require_api()
+    ui = ui_link(url)
     if args.work_pool:
         deployment_id = register(spec)
         print(
@@ -65,6 +67,22 @@ def main(args: argparse.Namespace) -> int:
             f"{spec.work_pool!r} at {url}; start a worker where it should run: "
             f"prefect worker start --pool {spec.work_pool}"
         )
+        if ui:
+            print(f"Prefect UI: {ui}/deployments/deployment/{deployment_id}")
         return 0
+    if ui:
+        print(f"serving label-images/{spec.name}; Prefect UI: {ui}/deployments", flush=True)
     serve(spec, limit=args.limit)
     return 0
+
+
+def ui_link(api_url: str) -> str | None:
+    """The UI root to print, or None (and a warning saying why) when its pages would fail."""
+    from flows.prefect_ui import client_ui_url, ui_problem, ui_url
+
+    ui = client_ui_url() or ui_url(api_url)
+    problem = ui_problem(api_url, ui)
+    if problem:
+        print(f"mixer-label deploy: warning: {problem}", file=sys.stderr)
+        return None
+    return ui
