@@ -103,6 +103,8 @@ def test_the_pool_grows_onto_a_node_that_joins_within_max_actors(s3_server, s3_b
     success = json.loads(storage.get(f"s3://{s3_bucket}/out/date=2024-05-02/_SUCCESS.json"))
     assert success["nodes"] == summary["nodes"]
     assert max(h["actors"] for h in success["pool_history"]) == 2
+    # Before the run ended, the actor left idle by the drained queue was stopped (min_actors 1).
+    assert success["pool_history"][-1]["actors"] == 1
     # The request: two actors' worth while shards were queued, lowered to nothing at the end.
     requests = report["requests"]
     print(f"requests {requests}; pool {summary['pool_history']}; nodes {summary['nodes']}")
