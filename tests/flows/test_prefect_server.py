@@ -243,6 +243,10 @@ def test_api_run_like_the_run_button_writes_parquet_and_artifacts(served, labeli
     assert f"| images | {SHARDS * IMAGES_PER_SHARD} |" in summary
     assert success["model_sha256"] in summary and str(partition) in summary
     assert "## Drift against 2024-05-01" in summary
+    # The pool's size over time, and which node labeled what (one local Ray node here).
+    assert "| actors | 1 at most, on 1 node(s) |" in summary
+    assert "## Actors and nodes over time" in summary
+    assert len(success["nodes"]) == 1 and sum(success["nodes"].values()) == SHARDS
     assert "DRIFT WARNING:** mean score moved" in summary  # last night: all 0.99
     assert "| what | value |\n|---|---|" in summary and "| | |\n|---" not in summary
     # The trend of the nights found: this one and the previous, with PSI between them.
