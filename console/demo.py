@@ -30,7 +30,9 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(args: argparse.Namespace) -> int:
     from flows.demo import DemoOptions, run_demo
 
-    options = DemoOptions(root=Path(args.dir), s3=args.s3, serve=args.serve, epochs=args.epochs)
+    options = DemoOptions(
+        root=Path(args.dir), s3=args.s3, serve=args.serve, epochs=args.epochs, verbose=args.verbose
+    )
     # A plain `kill` stops the demo like Ctrl+C does: the servers it started stop with it.
     signal.signal(signal.SIGTERM, _interrupt)
     report = run_demo(options)

@@ -8,7 +8,8 @@ Parquet files: the error rows are exactly the broken files, and every prediction
 `mixer-label train` made offline, image by image, which proves training and serving preprocess
 identically. `--s3` does the same through an S3 API server on loopback (moto), the production
 path: shards and model are uploaded, read back by the workers, and the predictions are copied
-to `.demo/predictions/` at the end so they can be queried after the server is gone.
+to `.demo/predictions-s3/` at the end (beside, never over, the local run's `.demo/predictions/`)
+so they can be queried after the server is gone.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from flows.local_prefect import DEFAULT_PORT as PREFECT_PORT
 from flows.local_prefect import prefect_server, use_prefect_server
 from pipeline.environ import patched_environ
 from pipeline.local_servers import free_port, local_ray, moto_server
+from pipeline.ray_quiet import init_options
 
 DEMO_DIR = ".demo"
 BUCKET = "mixer-label-demo"
@@ -58,6 +60,7 @@ class DemoOptions:
     dashboard: bool = True  # Ray's dashboard (a few seconds and a few processes more)
     serve: bool = False  # keep the Prefect UI and Ray dashboard up until Ctrl+C
     date: str | None = None  # the output partition; None: today (UTC)
+    verbose: bool = False  # Ray's start-up notices and the workers' output on the terminal
 
 
 # --------------------------------------------------------------------------- the demo
@@ -74,7 +77,9 @@ def run_demo(options: DemoOptions = DemoOptions(), log: Log = print) -> DemoRepo
         # The Prefect server boots (10-20 s) while the model trains or the shards upload.
         prefect_port = free_port(PREFECT_PORT) if options.serve else None
         prefect = stack.enter_context(prefect_server(root / "prefect", prefect_port))
-        shards_uri, output_uri = str(local_shards), str(root / "predictions")
+        # `make demo-s3` keeps its copy apart, so it never replaces `make demo`'s predictions.
+        predictions_root = root / ("predictions-s3" if options.s3 else "predictions")
+        shards_uri, output_uri = str(local_shards), str(predictions_root)
         if options.s3:
             endpoint = stack.enter_context(demo_bucket(root))
             stack.enter_context(patched_environ({"MIXER_LABEL_CACHE": str(root / "cache")}))
@@ -95,12 +100,14 @@ def run_demo(options: DemoOptions = DemoOptions(), log: Log = print) -> DemoRepo
         dashboard_port = None
         if options.dashboard:
             dashboard_port = free_port(RAY_DASHBOARD_PORT if options.serve else None)
-        dashboard = stack.enter_context(local_ray(dashboard_port=dashboard_port))
+        dashboard = stack.enter_context(
+            local_ray(dashboard_port=dashboard_port, ray_options=init_options(options.verbose))
+        )
         api_url = prefect.wait_until_healthy()
         stack.enter_context(use_prefect_server(api_url, prefect.home))
         # Today's partition is this demo's own output: start it empty, so files of an earlier
         # build with other shards cannot mix into the checks.
-        shutil.rmtree(root / "predictions" / f"date={date}", ignore_errors=True)
+        shutil.rmtree(predictions_root / f"date={date}", ignore_errors=True)
         log(f"running the label-images flow on {shards_uri}/test (Prefect UI {prefect.ui_url})")
         # The backend, precision and batch size the offline evaluation ran with, so the two
         # predict with the same arithmetic and any difference can only come from the input.
@@ -116,7 +123,7 @@ def run_demo(options: DemoOptions = DemoOptions(), log: Log = print) -> DemoRepo
         )
         partition = f"{output_uri}/date={date}"
         checks = check_predictions(partition, f"{shards_uri}/test", model_dir, manifest)
-        predictions_dir = root / "predictions" / f"date={date}"
+        predictions_dir = predictions_root / f"date={date}"
         if options.s3:
             mirror(partition, predictions_dir)
         report = DemoReport(

@@ -215,6 +215,8 @@ def summary_lines(report: DemoReport, s3: bool = False, serve: bool = False) -> 
         "count(*) AS images, round(avg(score), 3) AS mean_score FROM read_parquet("
         f"'{partition.rsplit('/', 1)[0]}/*/*.parquet', hive_partitioning = true) "
         'WHERE error IS NULL GROUP BY ALL ORDER BY label_name\\").show()"',
+        f"your images  .venv/bin/mixer-label run ./my-images/ ./my-labels/ --model "
+        f"{rel(report.model_path)} (or an official Mixer .npz / timm .pth checkpoint)",
         "",
     ]
     return lines

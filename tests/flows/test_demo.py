@@ -35,12 +35,12 @@ def local_run(demo_root):
     return report, "\n".join(lines)
 
 
-def _parquet_rows(root) -> dict[str, tuple]:
+def _parquet_rows(root, folder: str = "predictions") -> dict[str, tuple]:
     import duckdb
 
     query = (
         "SELECT key, label, error, date FROM read_parquet("
-        f"'{root}/predictions/*/*.parquet', hive_partitioning = true)"
+        f"'{root}/{folder}/*/*.parquet', hive_partitioning = true)"
     )
     rows = duckdb.sql(query).fetchall()
     assert len(rows) == len({r[0] for r in rows}), "a key has several rows"
@@ -80,11 +80,17 @@ def test_local_demo_summary_says_what_a_newcomer_needs(demo_root, local_run):
     assert str(report.predictions_dir) in output
     assert f"PREFECT_HOME={demo_root / 'prefect'}" in output and report.flow_run_id in output
     assert "read_parquet(" in output and "mixer-label demo --serve" in output
+    # It ends with the one command that labels one's own images, with the demo's model.
+    last = output.rstrip().splitlines()[-1]
+    assert last.startswith("your images  .venv/bin/mixer-label run ./my-images/ ./my-labels/")
+    assert f"--model {report.model_path}" in last
 
 
 def test_s3_demo_reuses_the_model_and_reads_everything_through_s3(demo_root, local_run):
     model = demo_root / "model" / "model.safetensors"
     before = model.stat().st_mtime_ns
+    local_report, _ = local_run
+    local_files = {p: p.read_bytes() for p in local_report.predictions_dir.iterdir()}
     lines: list[str] = []
     report = run_demo(DemoOptions(root=demo_root, s3=True, **SLICE), log=lines.append)
     output = "\n".join(lines)
@@ -98,12 +104,19 @@ def test_s3_demo_reuses_the_model_and_reads_everything_through_s3(demo_root, loc
     for path in report.predictions_dir.glob("*.parquet"):
         metadata = str(pq.read_metadata(path).metadata)
         assert not any(s in metadata for s in secrets)
-    # The copy in .demo/predictions/ holds the S3 run's predictions, equal to the offline eval.
+    # Its copy goes to .demo/predictions-s3/, said in the summary, equal to the offline eval;
+    # `make demo`'s .demo/predictions/ is left exactly as it was.
+    assert (
+        report.predictions_dir
+        == demo_root.resolve() / "predictions-s3" / local_report.predictions_dir.name
+    )
+    assert f"predictions  {report.predictions_dir}/" in output
     evaluation = json.loads((demo_root / "model" / "eval.json").read_text())
-    rows = _parquet_rows(demo_root)
+    rows = _parquet_rows(demo_root, "predictions-s3")
     assert {k: label for k, (label, _, _) in rows.items()} == {
         p["key"]: p["label"] for p in evaluation["predictions"]
     }
+    assert {p: p.read_bytes() for p in local_report.predictions_dir.iterdir()} == local_files
 
 
 def test_checks_fail_loudly_on_a_mismatch():
