@@ -15,6 +15,11 @@ same for every contender). Contenders, alternated, best of --repeat:
 Each reports images/s, its ratio to model only, and the CPU cores the process used meanwhile
 (user + system CPU seconds / wall seconds). Target on an H100/H200 (issue 16): decode_device
 >= 0.8x model_only with <= 4 cores.
+
+"stages" times each stage alone on one thread with the published checkpoints' recipe (224 px,
+crop 0.875, bilinear), whatever --model is: the header check (host), the Pillow path (host)
+and the device path's decode + preprocessing per batch (synchronized): the inputs of the
+cores-per-GPU arithmetic in docs/scaling-out.md.
 """
 
 from __future__ import annotations
@@ -125,6 +130,50 @@ def model_only(predictor, batch_size: int, seconds: float) -> dict[str, Any]:
     return {"images_per_s": done / wall, "cores_used": (_cpu_seconds() - cpu) / wall}
 
 
+def stage_costs(jpegs: list[bytes], device: str, batch_size: int, repeat: int = 3) -> dict:
+    """Per-image seconds of each stage alone, one thread, best of `repeat`."""
+    import torch
+
+    from models.preprocessing import Preprocessing
+    from pipeline.device_decode import DeviceBatcher, prepare, torchvision_problem
+    from pipeline.preprocess import ImageLimits, decode_record
+    from pipeline.shards import Record
+
+    recipe, limits = Preprocessing(), ImageLimits()
+    records = [Record(f"k{i}", data) for i, data in enumerate(jpegs)]
+    cuda = device.startswith("cuda")
+
+    def best(name: str, fn) -> None:
+        # thread_time: this thread's CPU seconds, what a core spends (and immune to other
+        # processes on a shared machine); perf_counter: the stage's wall time (its rate).
+        walls, cpus = [], []
+        for _ in range(repeat):
+            start, cpu = time.perf_counter(), time.thread_time()
+            fn()
+            walls.append(time.perf_counter() - start)
+            cpus.append(time.thread_time() - cpu)
+        out[f"{name}_s"] = min(walls) / len(records)
+        out[f"{name}_cpu_s"] = min(cpus) / len(records)
+
+    out: dict[str, Any] = {"images": len(records)}
+    best("header_check", lambda: [prepare(r, recipe, limits, cuda) for r in records])
+    best("pillow", lambda: [decode_record(r, recipe, limits) for r in records])
+    if torchvision_problem() is None:
+        batcher = DeviceBatcher(recipe, device, limits)
+        prepared = [prepare(r, recipe, limits, cuda) for r in records]
+        windows = [prepared[i : i + batch_size] for i in range(0, len(prepared), batch_size)]
+
+        def build_all() -> None:
+            for window in windows:
+                batcher.build(window)
+            if cuda:
+                torch.cuda.synchronize()
+
+        build_all()  # warm-up: nvJPEG state, kernels
+        best("device_decode", build_all)
+    return out
+
+
 def machine() -> dict[str, Any]:
     import torch
 
@@ -183,6 +232,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "mean_jpeg_bytes": encoded / max(1, args.images),
             "made_s": time.perf_counter() - t,
         }
+        if args.stage_images:
+            from bench.pipeline_bench import photo_like_jpeg
+
+            jpegs = [photo_like_jpeg(i, *size) for i in range(args.stage_images)]
+            results["stages"] = stage_costs(jpegs, device, args.batch_size)
         t = time.perf_counter()
         labeler = ShardLabeler(spec)
         results["predictor"] = labeler.predictor.describe()
@@ -224,6 +278,14 @@ def format_results(results: dict[str, Any]) -> str:
             ratio = f"  {r['vs_model_only']:.2f}x model only" if "vs_model_only" in r else ""
             rate, cores = r["images_per_s"], r["cores_used"]
             lines.append(f"{name:<14} {rate:10.1f} images/s  {cores:5.2f} cores{ratio}")
+    if "stages" in results:
+        st = results["stages"]
+        line = "one thread, per image (CPU time): header check "
+        line += f"{st['header_check_cpu_s'] * 1e6:.0f} us, Pillow {st['pillow_cpu_s'] * 1e3:.2f} ms"
+        if "device_decode_s" in st:
+            line += f", device decode + preprocessing {st['device_decode_cpu_s'] * 1e6:.0f} us"
+            line += f" (wall {st['device_decode_s'] * 1e6:.0f} us)"
+        lines.append(line)
     if "decode_device_skipped" in results:
         lines.append(f"decode_device skipped: {results['decode_device_skipped']}")
     return "\n".join(lines)
@@ -243,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-threads", type=int, default=4, help="decode threads in all")
     parser.add_argument("--model-seconds", type=float, default=5.0)
     parser.add_argument("--repeat", type=int, default=2, help="alternate contenders, keep best")
+    parser.add_argument("--stage-images", type=int, default=512, help="0: skip the stage costs")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args(argv)
     results = run(args)

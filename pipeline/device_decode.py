@@ -20,10 +20,13 @@ Three stages, each overlapping the next (see `pipeline.workers.ShardLabeler`):
    row today's path gives).
 3. the model, on its own stream, after waiting for the batch's event.
 
-The batch matches the Pillow path's for the same image up to decoder rounding: both resize
-the full-resolution geometry (Pillow may first decode a JPEG at a DCT scale no smaller than
-twice the target, which the device path does not) and both round to 8 bits before
-normalizing. tests/pipeline/test_device_decode.py holds the agreement and its threshold.
+The batch matches the Pillow path's for the same image up to decoder and resampler rounding:
+both resize the full-resolution geometry (Pillow may first decode a JPEG at a DCT scale no
+smaller than twice the target, which the device path does not) and both round to 8 bits
+before normalizing. On the CPU the resize runs on uint8 (Pillow's own fixed-point kernels in
+torch); CUDA's antialiased kernels take float32. Nearest (no preset uses it) can pick the
+neighbouring source pixel at a few positions. tests/pipeline/test_device_decode.py holds the
+agreement and its thresholds.
 """
 
 from __future__ import annotations
@@ -90,11 +93,34 @@ def resolve_decode(mode: str, device: str, preprocessing: Preprocessing) -> str:
             f"decode=device cannot resize with {preprocessing.interpolation} interpolation"
             " (no torch kernel); use decode=cpu"
         )
+    if problem is None and device.startswith("cuda"):
+        problem = cuda_decode_problem(device)
     if mode == "device":
         if problem:
             raise ValueError(problem)
         return "device"
     return "device" if device.startswith("cuda") and problem is None else "cpu"
+
+
+def cuda_decode_problem(device: str) -> str | None:
+    """Why decode_jpeg cannot run on this CUDA device (e.g. a torchvision built without
+    nvJPEG), from one tiny JPEG decoded there, or None. Without this probe every batch would
+    fail and fall back to Pillow image by image: correct, but silently slow."""
+    import io
+
+    import torch
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, "JPEG")
+    data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    try:
+        decode_jpeg([data], mode=ImageReadMode.RGB, device=torch.device(device))
+    except Exception as err:
+        reason = " ".join(str(err).split())[:160] or type(err).__name__
+        return f"decode=device: torchvision cannot decode JPEGs on {device} ({reason})"
+    return None
 
 
 # --------------------------------------------------------------------------- stage 1: threads
@@ -132,8 +158,10 @@ def prepare(
     except ImageError as err:
         return Prepared(record, error=str(err))
     if batchable(image, record.data):
-        jpeg = torch.frombuffer(bytearray(record.data), dtype=torch.uint8)
-        return Prepared(record, jpeg=jpeg.pin_memory() if pin else jpeg, orientation=_exif(image))
+        # One copy of the bytes, straight into page-locked memory for a CUDA-bound image.
+        jpeg = torch.empty(len(record.data), dtype=torch.uint8, pin_memory=pin)
+        jpeg.numpy()[:] = np.frombuffer(record.data, dtype=np.uint8)
+        return Prepared(record, jpeg=jpeg, orientation=_exif(image))
     return _pillow(record, preprocessing, limits, pin)
 
 
@@ -215,7 +243,9 @@ class DeviceBatcher:
         preprocessing: Preprocessing,
         device: str,
         limits: ImageLimits = ImageLimits(),
+        resize_dtype=None,
     ) -> None:
+        """resize_dtype: torch.uint8 or torch.float32 for the resize (default: by device)."""
         import torch
 
         if preprocessing.interpolation not in _TORCH_MODES:
@@ -231,6 +261,9 @@ class DeviceBatcher:
         self._scale = (1.0 / (255.0 * std)).view(3, 1, 1).to(self.device)
         self._offset = (-mean / std).view(3, 1, 1).to(self.device)
         self._mode = _TORCH_MODES[preprocessing.interpolation]
+        # torch resizes uint8 images on the CPU with Pillow's fixed-point kernels (about 5x
+        # faster than in float32 there, BENCHMARKS.md); CUDA's antialiased kernels take floats.
+        self.resize_dtype = resize_dtype or (torch.uint8 if not self.cuda else torch.float32)
 
     def windows(self, prepared: Iterable[Prepared], batch_size: int) -> Iterator[list[Prepared]]:
         """Records in order, cut after every `batch_size` images (error rows ride along)."""
@@ -315,7 +348,7 @@ class DeviceBatcher:
         new_w, new_h = resize_size(width, height, self.preprocessing.resize_size)
         left = int(round((new_w - crop) / 2.0))
         top = int(round((new_h - crop) / 2.0))
-        pixels = image.unsqueeze(0).float()
+        pixels = image.unsqueeze(0).to(self.resize_dtype)
         if (new_h, new_w) != (height, width):
             antialias = self._mode != "nearest-exact"
             kwargs = {"antialias": antialias, "align_corners": False} if antialias else {}

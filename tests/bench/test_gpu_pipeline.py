@@ -30,7 +30,8 @@ def test_the_gpu_pipeline_bench_runs_on_a_bare_python_with_device_and_cpu_decode
     pytest.importorskip("torchvision", reason="the dev extra installs torchvision")
     out = tmp_path / "gpu-pipeline.json"
     args = ["--model", "tiny", "--device", "cpu", "--images", "48", "--images-per-shard", "16"]
-    args += ["--batch-size", "16", "--model-seconds", "0.2", "--repeat", "1", "--json", str(out)]
+    args += ["--batch-size", "16", "--model-seconds", "0.2", "--repeat", "1", "--stage-images", "8"]
+    args += ["--json", str(out)]
     done = subprocess.run(
         [sys.executable, "-c", _RUN.format(hidden=_HIDDEN), *args],
         cwd=ROOT,
@@ -46,6 +47,8 @@ def test_the_gpu_pipeline_bench_runs_on_a_bare_python_with_device_and_cpu_decode
         assert run["images"] == 48 and run["errors"] == 0
         assert run["images_per_s"] > 0 and run["cores_used"] > 0 and run["vs_model_only"] > 0
     assert results["model_only"]["images_per_s"] > 0
+    stages = results["stages"]
+    assert stages["images"] == 8 and stages["header_check_s"] > 0 and stages["device_decode_s"] > 0
     assert results["shards"]["count"] == 3 and results["spec"]["decode"] == "device"
     assert "decode_device" in done.stdout and "model_only" in done.stdout
 

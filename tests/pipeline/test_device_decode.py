@@ -26,12 +26,18 @@ pytest.importorskip("torchvision", reason="the dev extra installs torchvision")
 
 PP = Preprocessing(input_size=32, crop_fraction=0.875)
 LIMITS = ImageLimits()
-# Pixels: a device-path image differs from Pillow's by decoder and resampler rounding. Pillow
-# rounds (and clips) to 8 bits between its horizontal and vertical passes, torch does not:
-# that is at most one level for bilinear, and up to 10 levels at sharp edges for bicubic's
-# overshooting kernel when upscaling. Measured on the photos below: bilinear max 1.0 level,
-# bicubic max 10, mean at most 0.22 levels either way (one level = 1/127.5 at mean=std=0.5).
-MAX_ABS = {"bilinear": 1.5 / 127.5, "bicubic": 12 / 127.5}
+# Pixels: a device-path image differs from Pillow's by decoder and resampler rounding. Resizing
+# in uint8 (the CPU default) torch uses Pillow's fixed-point kernels; in float32 (CUDA) it does
+# not round and clip to 8 bits between the horizontal and vertical passes as Pillow does, which
+# shows at sharp edges when bicubic's overshooting kernel upscales. Measured on the photos
+# below, in 8-bit levels (1/127.5 at mean = std = 0.5): bilinear max 1 (uint8 and float32),
+# bicubic max 2 (uint8) and 10 (float32); mean at most 0.22 in every case.
+MAX_ABS = {
+    ("bilinear", "uint8"): 1.5 / 127.5,
+    ("bilinear", "float32"): 1.5 / 127.5,
+    ("bicubic", "uint8"): 2.5 / 127.5,
+    ("bicubic", "float32"): 12 / 127.5,
+}
 MEAN_ABS = 0.4 / 127.5
 
 
@@ -69,16 +75,21 @@ def _photos() -> list[tuple[str, bytes]]:
     return out
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])  # float32: CUDA's resize
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-def test_device_batch_is_the_pillow_batch_up_to_rounding(interpolation) -> None:
+def test_device_batch_is_the_pillow_batch_up_to_rounding(interpolation, dtype) -> None:
+    import torch
+
     pp = Preprocessing(input_size=224, crop_fraction=0.875, interpolation=interpolation)
     photos = _photos()
     records = [Record(key, data) for key, data in photos]
-    prepared, built = _build(records, pp)
+    prepared = [prepare(r, pp, LIMITS) for r in records]
+    batcher = DeviceBatcher(pp, "cpu", LIMITS, resize_dtype=getattr(torch, dtype))
+    built = batcher.build(prepared)
     assert all(p.jpeg is not None for p in prepared)  # all went through the batched call
     for row, record in enumerate(records):
         diff = np.abs(built.batch[row].numpy() - load_image(record.data, pp))
-        assert diff.max() <= MAX_ABS[interpolation], (record.key, float(diff.max()))
+        assert diff.max() <= MAX_ABS[interpolation, dtype], (record.key, float(diff.max()))
         assert diff.mean() <= MEAN_ABS, (record.key, float(diff.mean()))
 
 
@@ -118,7 +129,7 @@ def test_a_jpeg_the_batched_call_raises_on_is_decoded_alone_then_by_pillow() -> 
     rows = [i for i, e in enumerate(built.errors) if e is None]
     for row, i in enumerate(rows):
         expect = array if i == 1 else load_image(records[i].data, PP)
-        assert np.abs(built.batch[row].numpy() - expect).max() <= MAX_ABS["bilinear"], i
+        assert np.abs(built.batch[row].numpy() - expect).max() <= MAX_ABS["bilinear", "uint8"], i
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -127,7 +138,7 @@ def test_exif_orientation_is_honoured(orientation) -> None:
     (prepared,), built = _build([Record("r", data)])
     assert prepared.jpeg is not None and prepared.orientation == orientation
     expect = load_image(data, PP)
-    assert np.abs(built.batch[0].numpy() - expect).max() <= MAX_ABS["bilinear"]
+    assert np.abs(built.batch[0].numpy() - expect).max() <= MAX_ABS["bilinear", "uint8"]
     if orientation != 1:  # the pattern's quadrants show a missed rotation or flip
         upright = load_image(imagegen.jpeg_bytes(64, 32), PP)
         assert np.abs(built.batch[0].numpy() - upright).max() > 0.5
@@ -162,7 +173,18 @@ def test_jpeg_kinds_the_batched_call_cannot_take_are_routed_to_pillow() -> None:
     assert not batchable(open_image(cmyk), cmyk)
 
 
-def test_auto_is_device_only_on_cuda_and_lanczos_is_refused() -> None:
+def test_auto_is_device_only_on_cuda_and_lanczos_is_refused(monkeypatch) -> None:
+    import torch
+
+    from pipeline import device_decode
+
+    if not torch.cuda.is_available():  # the probe decodes one JPEG there, and says why not
+        problem = device_decode.cuda_decode_problem("cuda:0")
+        assert problem.startswith("decode=device: torchvision cannot decode JPEGs on cuda:0")
+        assert resolve_decode("auto", "cuda:0", PP) == "cpu"
+        with pytest.raises(ValueError, match="cannot decode JPEGs on cuda:0"):
+            resolve_decode("device", "cuda:0", PP)
+    monkeypatch.setattr(device_decode, "cuda_decode_problem", lambda device: None)
     assert resolve_decode("auto", "cpu", PP) == "cpu"
     assert resolve_decode("auto", "cuda:0", PP) == "device"
     assert resolve_decode("device", "cpu", PP) == "device"
@@ -295,3 +317,23 @@ def test_decode_device_without_torchvision_fails_before_any_work_naming_the_gpu_
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and "torchvision" in lines[0] and "mixer-label[gpu]" in lines[0]
     assert not out.exists()  # nothing was written, no Ray started
+
+
+def test_the_gpu_extra_pins_a_torchvision_built_for_its_torch() -> None:
+    """torchvision 0.N is built against torch 2.(N - 15); a mismatched pair does not import."""
+    import re
+    from pathlib import Path
+
+    import tomllib
+    import torch
+    import torchvision
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    gpu = pyproject["project"]["optional-dependencies"]["gpu"]
+    spec = {re.split(r"[<>=!~ ]", req, maxsplit=1)[0]: req for req in gpu}
+    torch_minor = re.fullmatch(r"torch>=2\.(\d+),<2\.(\d+)", spec["torch"]).groups()
+    vision_minor = re.fullmatch(r"torchvision>=0\.(\d+),<0\.(\d+)", spec["torchvision"]).groups()
+    assert [int(v) - 15 for v in vision_minor] == [int(t) for t in torch_minor]
+    # The pair installed here (requirements/dev.txt) follows the same rule and imports.
+    installed = int(torchvision.__version__.split(".")[1]) - 15
+    assert installed == int(torch.__version__.split(".")[1])
