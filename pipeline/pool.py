@@ -161,6 +161,7 @@ class ShardPool:
         # (seconds since the pool started, alive actors, nodes they are on), on every change.
         self.history: list[tuple[float, int, int]] = []
         self.peak_actors = 0
+        self._warned_empty = False
         self.slots = [self._start(plan) for plan in plans]
 
     def _start(self, plan: ActorPlan) -> _Slot:
@@ -267,9 +268,20 @@ class ShardPool:
             if slot.plan.pinned and slot.plan.node_id not in by_id:
                 self._drop(slot, "its node left the cluster")
         actors_on = collections.Counter(slot.plan.node_id for slot in self.slots)
-        for node_id in elastic.openings(alive, actors_on, len(self.slots)):
+        openings = elastic.openings(alive, actors_on, len(self.slots))
+        for node_id in openings:
             log.info("node %s has room: starting an actor there", node_id[:12])
             self.slots.append(self._start(node_plan(by_id[node_id], elastic.gpu_cluster)))
+        if not self.slots and not self._warned_empty:
+            self._warned_empty = True
+            kind = "a GPU" if elastic.gpu_cluster else "CPUs"
+            ask = "asking the autoscaler" if elastic.max_actors else "--max-actors N would ask"
+            log.warning(
+                "no node with %s for an actor yet: waiting up to %.0f s for one to join (%s)",
+                kind,
+                self.stall_timeout_s,
+                ask,
+            )
         elastic.ask(elastic.wanted(queued, feed.done))
         self._changed()
 

@@ -5,7 +5,10 @@ actors' worth. This script plays the autoscaler: when the request arrives it add
 The pool must start one actor there (not two: max_actors), which labels shards, and lower and
 clear its request as the queue drains. Prints the summary and what it saw as JSON.
 
-    python tests/pipeline/elastic_scenario.py INPUT OUTPUT MODEL DATE
+    python tests/pipeline/elastic_scenario.py INPUT OUTPUT MODEL DATE [one|zero]
+
+With `zero` the cluster starts with its head only (no CPU for an actor) and the script adds
+one node when the request arrives: the run must wait for it, then label everything there.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 import threading
 
 
-def main(input_uri: str, output_uri: str, model: str, date: str) -> int:
+def main(input_uri: str, output_uri: str, model: str, date: str, start: str = "one") -> int:
     import ray
     from ray.cluster_utils import Cluster
 
@@ -26,7 +29,8 @@ def main(input_uri: str, output_uri: str, model: str, date: str) -> int:
         initialize_head=True,
         head_node_args={"num_cpus": 0, "include_dashboard": False},
     )
-    first = cluster.add_node(num_cpus=1)
+    # "one": a worker node from the start; "zero": the head only (GPU workers from zero).
+    first = cluster.add_node(num_cpus=1) if start == "one" else None
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, configure_logging=False, log_to_driver=False)
     requests: list[int] = []  # bundles per request, in order
@@ -42,11 +46,11 @@ def main(input_uri: str, output_uri: str, model: str, date: str) -> int:
         if len(bundles) == 2 and not added:
             # The autoscaler's part: nodes for the request (the pool's loop calls this on the
             # main thread, where Cluster.add_node must run).
-            added.extend(cluster.add_node(num_cpus=1).node_id for _ in range(2))
+            added.extend(cluster.add_node(num_cpus=1).node_id for _ in range(2 if first else 1))
 
     def on_progress(event):
         actors_seen.append((event.actors, event.nodes))
-        if event.actors >= 2:
+        if event.actors >= (2 if first else 1):
             two_actors.set()
 
     config = RunConfig(
@@ -68,7 +72,7 @@ def main(input_uri: str, output_uri: str, model: str, date: str) -> int:
         write_summary(config, partition_uri(config), summary)
         report = {
             "summary": summary.to_dict(),
-            "first_node": first.node_id,
+            "first_node": first.node_id if first else None,
             "added": added,
             "requests": requests,
             "kv_after": kv_after,
@@ -94,4 +98,4 @@ def _autoscaler_request():
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(*sys.argv[1:5]))
+    raise SystemExit(main(*sys.argv[1:]))

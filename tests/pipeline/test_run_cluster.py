@@ -123,3 +123,39 @@ def test_the_pool_grows_onto_a_node_that_joins_within_max_actors(s3_server, s3_b
             assert metadata["worker_device"]
     assert Counter(rows) == Counter(keys)
     assert dict(per_node) == summary["nodes"]
+
+
+@pytest.mark.slow
+def test_a_run_on_a_cluster_with_no_worker_waits_for_the_node_it_asked_for(
+    s3_server, s3_bucket, tmp_path
+):
+    storage = open_storage(f"s3://{s3_bucket}")
+    keys = imagegen.write_tar_shards(
+        storage, f"s3://{s3_bucket}/in", shards=4, images_per_shard=3, size=(64, 48)
+    )
+    model = tmp_path / "tiny.safetensors"
+    save_checkpoint(build_preset("tiny"), model)
+    script = REPO / "tests" / "pipeline" / "elastic_scenario.py"
+    args = [f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", str(model), "2024-05-02", "zero"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    report = json.loads(lines[-1][len("RESULT ") :])
+    summary, (added,) = report["summary"], report["added"]
+    assert summary["shards_done"] == 4 and summary["shards_failed"] == 0
+    assert summary["nodes"] == {added: 4}  # everything on the node that joined for the run
+    history = summary["pool_history"]
+    assert history[0]["actors"] == 0 and max(h["actors"] for h in history) == 1
+    assert report["requests"][0] == 2 and report["requests"][-1] == 0
+    rows = []
+    for info in storage.list(f"s3://{s3_bucket}/out"):
+        if info.uri.endswith(".parquet"):
+            rows += pq.read_table(io.BytesIO(storage.get(info.uri))).column("key").to_pylist()
+    assert Counter(rows) == Counter(keys)
