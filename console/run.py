@@ -73,6 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " packages, TensorRT engines), built once for all nodes (default:"
         " $MIXER_LABEL_COMPILE_CACHE, else each node's local cache)",
     )
+    parser.add_argument(
+        "--storage-retry-s",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long one storage call retries throttling, 5xx, resets and stalls before its"
+        " shard fails and is retried elsewhere (default 60)",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -105,6 +113,7 @@ def config_from_args(args: argparse.Namespace):
             decode_threads=args.decode_threads,
             decode=args.decode,
             compile_cache=args.compile_cache,
+            storage_retry_s=args.storage_retry_s,
         )
     except ValueError as err:
         raise UsageError(str(err)) from None

@@ -44,6 +44,7 @@ class ShardPlan:
     model: Any  # pipeline.run.ModelIdentity
     partition_uri: str
     shards: list[Any]  # pipeline.run.PlannedShard
+    storages: Any = None  # pipeline.run.RunStorages, opened once for the whole run
 
     @property
     def skipped(self) -> int:
@@ -70,11 +71,13 @@ def _worth_retrying(task, task_run, state) -> bool:
 )
 def shard_plan(config: Any) -> ShardPlan:
     """Check model, input and output, then list every shard and mark the ones already done."""
-    from pipeline.run import identify_model, plan_shards, preflight
+    from pipeline.run import RunStorages, identify_model, plan_shards, preflight
 
     model = identify_model(config)
-    partition, shards = preflight(config)
-    plan = ShardPlan(model, partition, list(plan_shards(config, model.sha256, shards)))
+    storages = RunStorages.open(config)
+    partition, shards = preflight(config, storages)
+    planned = list(plan_shards(config, model.sha256, shards, storages))
+    plan = ShardPlan(model, partition, planned, storages)
     get_run_logger().info(
         "%d shard(s) under %s, %d already labeled; model %s (sha256 %s)",
         len(plan.shards),
@@ -96,8 +99,10 @@ def run_summary(plan: ShardPlan, config: Any) -> Any:
 
     progress = ShardProgress(len(plan.shards), config.output_uri, logger=get_run_logger())
     with ray_session(config.ray_address):
-        summary = label_shards(plan.shards, config, model=plan.model, on_progress=progress)
-    write_summary(config, plan.partition_uri, summary)
+        summary = label_shards(
+            plan.shards, config, model=plan.model, on_progress=progress, storages=plan.storages
+        )
+    write_summary(config, plan.partition_uri, summary, plan.storages)
     return summary
 
 

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.elastic import Elastic, RequestHook, ray_request_resources
 from pipeline.pool import Feed, ShardPool, Work, plan_actors
@@ -32,6 +33,7 @@ __all__ = [
     "PlannedShard",
     "RunConfig",
     "RunError",
+    "RunStorages",
     "RunSummary",
     "ShardResult",
     "label_shards",
@@ -88,16 +90,35 @@ def identify_model(config: RunConfig) -> ModelIdentity:
     return ModelIdentity(spec, identity.name, identity.sha256)
 
 
-def partition_uri(config: RunConfig) -> str:
-    """OUTPUT/date=YYYY-MM-DD, where this run's Parquet files go."""
-    from pipeline.storage import open_storage
+@dataclass(frozen=True)
+class RunStorages:
+    """The input and output storages of one run, opened once and passed along its path."""
 
-    storage = open_storage(config.output_uri, _storage_options(config))
-    return storage.join(config.output_uri, f"date={config.partition_date()}")
+    input: Any  # pipeline.storage.Storage
+    output: Any
+    partition_uri: str  # OUTPUT/date=YYYY-MM-DD
+
+    @classmethod
+    def open(cls, config: RunConfig) -> RunStorages:
+        from pipeline.storage import open_storage
+
+        options = _storage_options(config)
+        source = open_storage(config.input_uri, options)
+        out = open_storage(config.output_uri, options)
+        partition = out.join(config.output_uri, f"date={config.partition_date()}")
+        return cls(source, out, partition)
+
+
+def partition_uri(config: RunConfig, storages: RunStorages | None = None) -> str:
+    """OUTPUT/date=YYYY-MM-DD, where this run's Parquet files go."""
+    return (storages or RunStorages.open(config)).partition_uri
 
 
 def plan_shards(
-    config: RunConfig, model_sha256: str | None = None, shards: Iterable | None = None
+    config: RunConfig,
+    model_sha256: str | None = None,
+    shards: Iterable | None = None,
+    storages: RunStorages | None = None,
 ) -> Iterator[PlannedShard]:
     """Every input shard with its output URI; skip_reason set when the output is already done.
 
@@ -105,16 +126,13 @@ def plan_shards(
     Only the footer is read (ranged reads of the file's tail). `force` redoes everything.
     """
     from pipeline.shards import list_shards
-    from pipeline.storage import open_storage
 
-    options = _storage_options(config)
-    out = open_storage(config.output_uri, options)
-    partition = partition_uri(config)
+    storages = storages or RunStorages.open(config)
+    out, partition = storages.output, storages.partition_uri
     if model_sha256 is None:
         model_sha256 = identify_model(config).sha256
     if shards is None:
-        source = open_storage(config.input_uri, options)
-        shards = list_shards(source, config.input_uri, config.images_per_shard)
+        shards = list_shards(storages.input, config.input_uri, config.images_per_shard)
     # One listing of the partition instead of a HEAD per shard; it holds outputs, not images.
     existing = {} if config.force else {info.uri: info for info in out.list(partition)}
     for shard in shards:
@@ -157,6 +175,7 @@ def label_shards(
     started: float | None = None,
     on_progress: ProgressCallback | None = None,
     request_resources: RequestHook | None = ray_request_resources,
+    storages: RunStorages | None = None,
 ) -> RunSummary:
     """Label the planned shards on a pool of actors on the connected Ray cluster.
 
@@ -177,7 +196,7 @@ def label_shards(
         date=config.partition_date(),
         model=model.name,
         model_sha256=model.sha256,
-        partition_uri=partition_uri(config),
+        partition_uri=partition_uri(config, storages),
     )
     spec = WorkerSpec(
         model=model.spec,
@@ -268,8 +287,9 @@ def run_labeling(
     """
     started = time.monotonic()
     model = identify_model(config)
-    partition, first_shards = preflight(config)
-    planned = plan_shards(config, model.sha256, first_shards)
+    storages = RunStorages.open(config)
+    partition, first_shards = preflight(config, storages)
+    planned = plan_shards(config, model.sha256, first_shards, storages)
     with ray_session(config.ray_address, verbose=verbose):
         summary = label_shards(
             planned,
@@ -279,31 +299,30 @@ def run_labeling(
             run_id=new_run_id(),
             started=started,
             on_progress=on_progress,
+            storages=storages,
         )
-    write_summary(config, partition, summary)
+    write_summary(config, partition, summary, storages)
     return summary
 
 
-def preflight(config: RunConfig) -> tuple[str, Iterator]:
+def preflight(config: RunConfig, storages: RunStorages | None = None) -> tuple[str, Iterator]:
     """Fail fast, before any actor: input listable and not empty, output writable.
 
     Returns the partition URI and the shard listing (already started, nothing lost).
     """
     from pipeline.shards import list_shards
-    from pipeline.storage import StorageError, open_storage
+    from pipeline.storage import StorageError
 
-    options = _storage_options(config)
     try:
-        source = open_storage(config.input_uri, options)
-        shards = list_shards(source, config.input_uri, config.images_per_shard)
+        storages = storages or RunStorages.open(config)
+        shards = list_shards(storages.input, config.input_uri, config.images_per_shard)
         first = next(shards, None)
         if first is None:
             if "://" not in config.input_uri and not Path(config.input_uri).exists():
                 raise RunError(f"{config.input_uri}: no such file or folder")
             raise RunError(f"{config.input_uri}: no image shards found (.tar, .parquet or images)")
-        out = open_storage(config.output_uri, options)
-        partition = partition_uri(config)
-        out.check_writable(partition)
+        partition = storages.partition_uri
+        storages.output.check_writable(partition)
     except StorageError as err:
         raise RunError(str(err)) from None
     return partition, _chain(first, shards)
@@ -314,19 +333,24 @@ def _chain(first, rest: Iterator) -> Iterator:
     yield from rest
 
 
-def write_summary(config: RunConfig, partition: str, summary: RunSummary) -> str | None:
+def write_summary(
+    config: RunConfig, partition: str, summary: RunSummary, storages: RunStorages | None = None
+) -> str | None:
     """`_SUCCESS.json` (or `_FAILED.json`) beside the Parquet files; returns its URI.
 
-    A run that labeled nothing (every shard was already done) leaves an existing summary alone,
-    so running the same job twice writes nothing.
+    One marker per partition tells the truth of the latest run: the new one is written
+    atomically, then the other is deleted (a reader between the two sees the new one and a
+    stale one, never neither). A run that labeled nothing (every shard was already done)
+    leaves a true marker alone, so running the same job twice writes nothing.
     """
-    from pipeline.storage import open_storage
-
-    out = open_storage(config.output_uri, _storage_options(config))
+    out = (storages or RunStorages.open(config)).output
     uri = out.join(partition, SUCCESS_FILE if summary.ok else FAILED_FILE)
-    if summary.shards_done == 0 and summary.shards_failed == 0 and out.exists(uri):
+    stale = out.join(partition, FAILED_FILE if summary.ok else SUCCESS_FILE)
+    idle = summary.shards_done == 0 and summary.shards_failed == 0
+    if idle and out.exists(uri) and not out.exists(stale):
         return None
     out.put_atomic(uri, (json.dumps(summary.to_dict(), indent=2) + "\n").encode())
+    out.delete(stale)
     return uri
 
 
@@ -425,6 +449,7 @@ def _one_line(err: BaseException) -> str:
 
 
 def _storage_options(config: RunConfig):
-    from pipeline.storage import StorageOptions
+    from pipeline.storage import RetryPolicy, StorageOptions
 
-    return StorageOptions(endpoint_url=config.s3_endpoint_url)
+    retry = RetryPolicy(budget_s=config.storage_retry_s)
+    return StorageOptions(endpoint_url=config.s3_endpoint_url, retry=retry)

@@ -37,7 +37,9 @@ class RunConfig:
     # even before a GPU node has joined), "cpu" (one per node, GPUs unused), or "auto" (GPUs
     # once the cluster has any, else CPU nodes).
     actor_device: str = "auto"
-    date: str | dt.date | None = None  # the output partition; today (UTC) when None
+    # The output partition; None: today (UTC), read once when the config is made, so every
+    # file of the run (Parquet and _SUCCESS.json) lands in one partition even past midnight.
+    date: str | dt.date | None = None
     force: bool = False
     s3_endpoint_url: str | None = None
     images_per_shard: int = 1000
@@ -54,6 +56,9 @@ class RunConfig:
     # s3:// prefix or folder every node can reach: compiled models (CPU AOT packages,
     # TensorRT engines) are built once for the cluster there; None: per node, locally.
     compile_cache: str | None = None
+    # How long one storage call keeps retrying throttling, 5xx, resets and stalls before the
+    # shard fails (and is retried elsewhere); see pipeline/storage/retry.py.
+    storage_retry_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -88,12 +93,34 @@ class RunConfig:
             problem = torchvision_problem()
             if problem:
                 raise ValueError(problem)
+        if self.storage_retry_s <= 0:
+            raise ValueError(f"storage_retry_s must be positive, not {self.storage_retry_s}")
+        self._check_uris()
+        if self.date is None:  # resolved once: the clock is read here and never again
+            today = dt.datetime.now(dt.timezone.utc).date().isoformat()
+            object.__setattr__(self, "date", today)
         self.partition_date()  # fail on a bad date now, not after the actors started
 
+    def _check_uris(self) -> None:
+        """Refuse (redacted) any URI that carries a credential: it would be printed and stored."""
+        from pipeline.storage.errors import StorageError
+        from pipeline.storage.uris import check_uri
+
+        named = [("input", self.input_uri), ("output", self.output_uri)]
+        if "://" in self.model:
+            named.append(("model", self.model))
+        if self.compile_cache:
+            named.append(("compile cache", self.compile_cache))
+        if self.s3_endpoint_url:
+            named.append(("S3 endpoint", self.s3_endpoint_url))
+        for what, uri in named:
+            try:
+                check_uri(uri, what)
+            except StorageError as err:
+                raise ValueError(str(err)) from None
+
     def partition_date(self) -> str:
-        """The `date=` partition as YYYY-MM-DD."""
-        if self.date is None:
-            return dt.datetime.now(dt.timezone.utc).date().isoformat()
+        """The `date=` partition as YYYY-MM-DD (fixed when the config was made)."""
         if isinstance(self.date, dt.date):
             return self.date.isoformat()
         if not _DATE.match(self.date):

@@ -3,7 +3,8 @@
 Three formats:
 - `tar`: WebDataset tars (also .tar.gz / .tgz). Members `KEY.EXT`; the key is the member path
   up to the first dot of its file name (WebDataset's rule), so `a/b.jpg` + `a/b.cls` are one
-  sample `a/b`. `.cls` (an integer) and `.json` (with "label"/"cls"/"class"/"class_id") are
+  sample `a/b`. Every image member is a row; when a key repeats (a second image in a sample,
+  or the key again later) the row is keyed by the member name (UniqueKeys, docs/contracts.md). `.cls` (an integer) and `.json` (with "label"/"cls"/"class"/"class_id") are
   carried as the ground-truth label. Read as a stream (`tarfile` mode "r|*"), never written to
   disk, never extracted: a member called `../../etc/passwd.jpg` is only the key
   `../../etc/passwd`.
@@ -114,7 +115,7 @@ def list_shards(storage: Storage, input_uri: str, images_per_shard: int = 1000) 
         name = names.take(_flatten(f"{folder}/{stem}" if folder else stem), folder + stem)
         digest = hashlib.sha256()
         for rel, info in group:
-            digest.update(f"{rel}\0{info.etag}\0{info.size}\n".encode())
+            digest.update(f"{rel}\0{info.etag}\0{info.size}\n".encode("utf-8", "surrogateescape"))
         return Shard(
             uri=f"{base}#{name}",
             name=name,
@@ -190,7 +191,11 @@ def _flatten(path: str) -> str:
     if not name or name.startswith("."):
         name = "_" + name
     if len(name) > _MAX_NAME:
-        name = name[:_MAX_NAME] + "-" + hashlib.sha256(path.encode()).hexdigest()[:10]
+        name = (
+            name[:_MAX_NAME]
+            + "-"
+            + hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+        )
     return name
 
 
@@ -203,7 +208,8 @@ class _UniqueNames:
     def take(self, name: str, source: str) -> str:
         candidate = name
         if candidate in self._taken:
-            candidate = f"{name}-{hashlib.sha256(source.encode()).hexdigest()[:10]}"
+            digest = hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()
+            candidate = f"{name}-{digest[:10]}"
         n = 2
         while candidate in self._taken:
             candidate, n = f"{name}-{n}", n + 1
@@ -269,46 +275,57 @@ def _tar_records(storage: Storage, shard: Shard, max_bytes: int) -> Iterator[Rec
             reason = one_line(err)
             yield Record(f"{shard.name}#unreadable", None, error=f"not a readable tar: {reason}")
             return
+        keys = UniqueKeys()
         sample_key: str | None = None
-        files: dict[str, bytes | str] = {}  # ext -> bytes, or an error string
+        sample = _Sample()
         count = 0
-        reading: str | None = None  # the extension whose data is being read
+        reading: int | None = None  # the index of the image whose data is being read
         try:
             while (member := tar.next()) is not None:
                 tar.members.clear()  # streaming: do not keep every TarInfo of a huge shard
-                key, ext = split_member_name(member.name)
+                name = printable_name(member.name, shard.uri)
+                key, ext = split_member_name(name)
                 if key != sample_key:
                     if sample_key is not None:
-                        count += yield from _sample_records(sample_key, files)
-                    sample_key, files = key, {}
+                        count += yield from sample.records(sample_key, keys)
+                    sample_key, sample = key, _Sample()
                 if member.isdir():
                     continue
-                wanted = _image_ext(ext) or ext.lower() in ("cls", "json")
-                if not wanted or ext in files:
-                    continue  # captions, extra images of one sample: not ours to label
+                image = _image_ext(ext)
+                if not image:
+                    side = ext.lower()
+                    if side not in ("cls", "json") or side in sample.side or not member.isfile():
+                        continue  # captions and other members: not ours to label
+                    if member.size > _SIDE_FILE_MAX_BYTES:
+                        continue
+                    extracted = tar.extractfile(member)
+                    sample.side[side] = extracted.read() if extracted is not None else b""
+                    continue
+                # Every image member is a row, also a second image of one sample (d.jpg +
+                # d.png) and a key seen before in the shard (see UniqueKeys for the keys).
+                name = name[2:] if name.startswith("./") else name
                 if not member.isfile():
-                    if _image_ext(ext):
-                        files[ext] = f"not a regular file in the tar (type {member.type!r})"
+                    sample.add(name, f"not a regular file in the tar (type {member.type!r})")
                     continue
-                limit = max_bytes if _image_ext(ext) else _SIDE_FILE_MAX_BYTES
-                if member.size > limit:
-                    files[ext] = too_large(member.size, limit)
+                if member.size > max_bytes:
+                    sample.add(name, too_large(member.size, max_bytes))
                     continue
-                reading = ext
+                reading = sample.add(name, b"")
                 extracted = tar.extractfile(member)
-                files[ext] = extracted.read() if extracted is not None else b""
+                sample.images[reading] = (name, extracted.read() if extracted else b"")
                 reading = None
             # tarfile ends quietly on a cut or damaged header; only an all-zero block is an end.
             broken = _end_problem(reader, tar.offset)
         except _TAR_DATA_ERRORS as err:
             broken = one_line(err)
-            if reading is not None and _image_ext(reading):
-                files[reading] = f"truncated tar: member data cut off ({broken})"
+            if reading is not None:
+                cut = sample.images[reading][0]
+                sample.images[reading] = (cut, f"truncated tar: member data cut off ({broken})")
         if sample_key is not None:
-            count += yield from _sample_records(sample_key, files)
+            count += yield from sample.records(sample_key, keys)
         if broken:
             yield Record(
-                f"{shard.name}#truncated",
+                keys.take(f"{shard.name}#truncated"),
                 None,
                 error=f"truncated tar: the rest of the shard is unreadable after "
                 f"{count} records ({broken})",
@@ -377,19 +394,81 @@ def _end_problem(reader: _TailReader, offset: int) -> str | None:
     return None
 
 
-def _sample_records(key: str, files: dict[str, bytes | str]) -> Iterator[Record]:
-    """The record of one WebDataset sample (none if it holds no image); returns the count."""
-    image = next((ext for ext in files if _image_ext(ext)), None)
-    if image is None:
-        log.debug("sample %r has no image member (%s); skipped", key, ", ".join(files))
-        return 0
-    label = _label(files)
-    data = files[image]
-    if isinstance(data, str):
-        yield Record(key, None, label, data)
-    else:
-        yield Record(key, data, label)
-    return 1
+class _Sample:
+    """The members of one WebDataset sample: its images (in order) and .cls/.json side files."""
+
+    def __init__(self) -> None:
+        self.images: list[tuple[str, bytes | str]] = []  # (member name, bytes or an error)
+        self.side: dict[str, bytes] = {}
+
+    def add(self, name: str, data: bytes | str) -> int:
+        self.images.append((name, data))
+        return len(self.images) - 1
+
+    def records(self, key: str, keys: UniqueKeys) -> Iterator[Record]:
+        """One record per image member (none if the sample has none); returns the count."""
+        if not self.images:
+            log.debug("sample %r has no image member; skipped", key)
+            return 0
+        label = _label(self.side)
+        for i, (name, data) in enumerate(self.images):
+            # The first image keeps the sample key; any other image, or one whose sample key
+            # was already used in this shard, is keyed by its member name.
+            row_key = keys.take(key, name) if i == 0 else keys.take(name)
+            if isinstance(data, str):
+                yield Record(row_key, None, label, data)
+            else:
+                yield Record(row_key, data, label)
+        return len(self.images)
+
+
+class UniqueKeys:
+    """Hands out row keys unique in one shard (the rule is in docs/contracts.md).
+
+    take(key, fallback): `key` if free, else `fallback` if free, else the first free of
+    `<fallback or key>#2`, `#3`, ... `reserved` keys (real keys a Parquet file holds further
+    on) are never handed out in place of another key, so a made-up key cannot take a real one.
+    """
+
+    def __init__(self, reserved: frozenset[str] | set[str] = frozenset()) -> None:
+        self._taken: set[str] = set()
+        self._reserved = reserved
+
+    def take(self, key: str, fallback: str | None = None, real: bool = False) -> str:
+        """A free key; `real` marks `key` as one of the reserved (real) keys itself."""
+        if key not in self._taken and (real or key not in self._reserved):
+            self._taken.add(key)
+            return key
+        if fallback is not None and fallback not in self._taken and fallback not in self._reserved:
+            self._taken.add(fallback)
+            return fallback
+        base = fallback or key
+        n = 2
+        while f"{base}#{n}" in self._taken or f"{base}#{n}" in self._reserved:
+            n += 1
+        self._taken.add(f"{base}#{n}")
+        return f"{base}#{n}"
+
+
+def printable_name(name: str, where: str = "") -> str:
+    """A file or member name as a printable key: bytes that are not UTF-8 (surrogate escapes
+    from tarfile or os) and control characters become `\\xNN` escapes; other names unchanged."""
+    if name.isprintable():
+        return name
+    out = []
+    for char in name:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, as surrogateescape keeps it
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif char.isprintable() or char == " ":
+            out.append(char)
+        elif code <= 0xFF:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+    escaped = "".join(out)
+    log.warning("%s: name %r is not printable UTF-8; labeled as key %s", where, name, escaped)
+    return escaped
 
 
 def _label(files: dict[str, bytes | str]) -> int | None:
@@ -448,6 +527,9 @@ def _parquet_records(
         None,
     )
     columns = [c for c in (key_column, column, label_column) if c is not None]
+    # Keys unique in the shard: a null or repeated key gets a made-up one, which must not be a
+    # real key further down the file, so the key column is read first (it is small).
+    keys_seen = UniqueKeys(_real_keys(parquet, key_column) if key_column else frozenset())
     row = 0
     for group in range(parquet.num_row_groups):
         group_rows = parquet.metadata.row_group(group).num_rows
@@ -457,7 +539,7 @@ def _parquet_records(
             raise
         except Exception as err:
             yield Record(
-                f"{shard.name}#row-group-{group}",
+                keys_seen.take(f"{shard.name}#row-group-{group}"),
                 None,
                 error=f"unreadable parquet row group {group} ({group_rows} rows): {one_line(err)}",
             )
@@ -469,7 +551,12 @@ def _parquet_records(
             keys = batch.column(key_column).to_pylist() if key_column else [None] * len(images)
             labels = batch.column(label_column).to_pylist() if label_column else None
             for i, value in enumerate(images):
-                key = str(keys[i]) if keys[i] is not None else str(row)
+                if not key_column:
+                    key = keys_seen.take(str(row), real=True)  # no key column: row numbers
+                elif keys[i] is None:
+                    key = keys_seen.take(f"{shard.name}#row-{row}")
+                else:
+                    key = keys_seen.take(str(keys[i]), real=True)
                 label = labels[i] if labels else None
                 data = value.get("bytes") if isinstance(value, dict) else value
                 if data is None:
@@ -479,6 +566,20 @@ def _parquet_records(
                 else:
                     yield Record(key, data, label)
                 row += 1
+
+
+def _real_keys(parquet: Any, key_column: str) -> set[str]:
+    """Every non-null key of the file (row groups that cannot be read are left out)."""
+    real: set[str] = set()
+    for group in range(parquet.num_row_groups):
+        try:
+            values = parquet.read_row_group(group, columns=[key_column]).column(0).to_pylist()
+        except StorageError:
+            raise
+        except Exception:  # reported as an error row when the images are read
+            continue
+        real.update(str(v) for v in values if v is not None)
+    return real
 
 
 class _RangeFile(io.RawIOBase):
@@ -526,10 +627,17 @@ def _image_records(
     storage: Storage, shard: Shard, max_bytes: int, fetch_threads: int
 ) -> Iterator[Record]:
     base = shard.uri.rpartition("#")[0]
+    # Keys in listing order, before the threads: file names that are not UTF-8 become
+    # printable escapes, kept unique in the shard.
+    keys = UniqueKeys()
+    members = [
+        (rel, keys.take(printable_name(rel or base.rpartition("/")[2], base)))
+        for rel in shard.members
+    ]
 
-    def fetch(rel: str) -> Record:
+    def fetch(member: tuple[str, str]) -> Record:
+        rel, key = member
         uri = storage.join(base, rel) if rel else base  # "" when the input was one image
-        key = rel or uri.rpartition("/")[2]
         try:
             # A ranged GET: never more than max_bytes + 1 in memory, whatever the file's size.
             data = storage.get(uri, 0, max_bytes + 1)
@@ -540,4 +648,4 @@ def _image_records(
             return Record(key, None, error=too_large(info.size if info else len(data), max_bytes))
         return Record(key, data)
 
-    return background_map(fetch, shard.members, fetch_threads, name="fetch")
+    return background_map(fetch, members, fetch_threads, name="fetch")

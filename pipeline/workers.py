@@ -152,8 +152,11 @@ class ShardLabeler:
         decode_threads = self.spec.decode_threads or 2
         # Loose-image shards are latency-bound GETs: a few in flight per decode thread keep the
         # decoders fed; many more only add GIL contention next to the model.
+        # Every read of the shard stops retrying at a deadline scaled from its size, so a shard
+        # whose storage stalls fails (and is retried elsewhere) instead of holding the run.
+        deadline = time.monotonic() + shard_deadline_s(self.spec, shard)
         records = read_records(
-            self.storage(shard.uri),
+            self.storage(shard.uri).with_deadline(deadline),
             shard,
             self.spec.image_column,
             fetch_threads=4 * decode_threads,
@@ -186,6 +189,14 @@ class ShardLabeler:
             batcher.build, batcher.windows(prepared, batch_size), 0, 2, "device-decode"
         )
         return label_batches(batches, predictor, table, self.spec.topk, self._model_stream)
+
+
+def shard_deadline_s(spec: WorkerSpec, shard) -> float:
+    """How long reading one shard may take, from its size and the storage retry policy."""
+    from pipeline.storage import RetryPolicy
+
+    policy = getattr(spec.storage_options, "retry", None) or RetryPolicy()
+    return policy.shard_deadline_s(getattr(shard, "size", 0) or 0)
 
 
 class _Serialized:

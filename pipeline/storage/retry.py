@@ -30,6 +30,8 @@ class RetryPolicy:
     min_bytes_per_s: a read slower than this over a whole window is abandoned and resumed.
     unreachable_s: how long an endpoint that refuses connections is retried; None: budget_s.
       Pre-flight checks set it short, so a wrong endpoint fails in seconds.
+    shard_base_s, shard_min_bytes_per_s: a shard's reads stop retrying after
+      shard_base_s + size / shard_min_bytes_per_s (see shard_deadline_s).
     """
 
     budget_s: float = 60.0
@@ -38,6 +40,13 @@ class RetryPolicy:
     unreachable_s: float | None = None
     first_delay_s: float = 0.1
     max_delay_s: float = 5.0
+    shard_base_s: float = 600.0
+    shard_min_bytes_per_s: float = 64 * 1024
+
+    def shard_deadline_s(self, size: int) -> float:
+        """How long reading a shard of `size` bytes may take, retries included: a base (model
+        load, small shards) plus the time at a rate far below any working store."""
+        return self.shard_base_s + max(0, size) / self.shard_min_bytes_per_s
 
     def __post_init__(self) -> None:
         if self.budget_s <= 0 or self.window_s <= 0 or self.min_bytes_per_s < 0:

@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from pipeline.storage.errors import StorageError
+from pipeline.storage.errors import StorageError, StorageUnavailable
 from pipeline.storage.retry import RetryClock, RetryPolicy, Transient
 from pipeline.storage.s3_errors import error_code, to_storage_error, transient
 
@@ -79,6 +79,12 @@ class S3Reader(io.RawIOBase):
             if self.empty or (self._end is not None and self._pos >= self._end):
                 self._close_body()
                 return 0
+            deadline = self._clock.deadline
+            if deadline is not None and time.monotonic() > deadline:
+                self._close_body()
+                raise StorageUnavailable(
+                    f"{self._uri}: cannot read: the shard's deadline passed at byte {self._pos}"
+                )
             try:
                 if self._body is None:
                     self._request()
