@@ -4,9 +4,10 @@ Three formats:
 - `tar`: WebDataset tars (also .tar.gz / .tgz). Members `KEY.EXT`; the key is the member path
   up to the first dot of its file name (WebDataset's rule), so `a/b.jpg` + `a/b.cls` are one
   sample `a/b`. Every image member is a row; when a key repeats (a second image in a sample,
-  or the key again later) the row is keyed by the member name (UniqueKeys, docs/contracts.md). `.cls` (an integer) and `.json` (with "label"/"cls"/"class"/"class_id") are
-  carried as the ground-truth label. Read as a stream (`tarfile` mode "r|*"), never written to
-  disk, never extracted: a member called `../../etc/passwd.jpg` is only the key
+  or the key again later) the row is keyed by the member name (UniqueKeys, docs/contracts.md).
+  `.cls` (an integer) and `.json` (with "label"/"cls"/"class"/"class_id") are carried as the
+  ground-truth label of every image of the sample. Read as a stream (`tarfile` mode "r|*"),
+  never written to disk, never extracted: a member called `../../etc/passwd.jpg` is only the key
   `../../etc/passwd`.
 - `parquet`: img2dataset-style files with an image-bytes column (`jpg`, `image`, ... or a
   struct with a `bytes` field, as Hugging Face writes), a key column `key` or `url`, read one
