@@ -147,6 +147,7 @@ def format_summary(summary: dict) -> str:
         f"shards: {summary['shards_done']} labeled, {summary['shards_skipped']} skipped "
         f"(already done), {summary['shards_failed']} failed, {summary['shards_total']} total",
         model_line(summary),
+        pool_line(summary),
         f"output: {summary['partition_uri']}",
     ]
     lines += class_lines(summary.get("class_counts") or {})
@@ -154,6 +155,15 @@ def format_summary(summary: dict) -> str:
     for failed in summary.get("failed_shards") or []:
         lines.append(f"FAILED {failed['shard']}: {failed['error']}")
     return "\n".join(lines)
+
+
+def pool_line(summary: dict) -> str:
+    """How many actors ran at most, and on how many nodes they labeled."""
+    actors, nodes = int(summary.get("actors") or 0), len(summary.get("nodes") or {})
+    return (
+        f"actors: {actors} at most, {nodes} node{'' if nodes == 1 else 's'} labeled"
+        " (nodes and pool history in _SUCCESS.json)"
+    )
 
 
 def model_line(summary: dict) -> str:

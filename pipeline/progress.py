@@ -57,7 +57,11 @@ class ProgressEvent:
         return 1.0 if self.listing_done else 0.0
 
     def shard_line(self) -> str:
-        """The log line for the shard that just finished: "shard 12/340: 1,000 images, ..."."""
+        """The log line for the shard that just finished: "shard 12/340: 1,000 images, ...".
+
+        12 counts the shards labeled (or failed) so far in this run, 340 the shards it labels
+        ("340+" while the listing goes on); img/s is the run's rate so far, not the shard's.
+        """
         result = self.result
         of = f"{self.to_label:,}" if self.listing_done else f"{self.to_label:,}+"
         head = f"shard {self.labeled:,}/{of}"

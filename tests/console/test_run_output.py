@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from console.run import class_lines, model_line
+from console.run import class_lines, model_line, pool_line
 
 pytestmark = pytest.mark.slow
 
@@ -82,3 +82,9 @@ def test_class_lines_are_a_small_table_of_the_top_classes():
     assert len(lines) == 6
     assert class_lines({}) == []
     assert class_lines({"cat": 3})[0] == "classes (images, share of the labeled ones):"
+
+
+def test_pool_line_says_how_many_actors_and_nodes():
+    line = pool_line({"actors": 3, "nodes": {"a" * 56: 4, "b" * 56: 2}})
+    assert line.startswith("actors: 3 at most, 2 nodes labeled")
+    assert pool_line({"actors": 0}).startswith("actors: 0 at most, 0 nodes labeled")

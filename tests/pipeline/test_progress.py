@@ -146,8 +146,10 @@ def test_the_run_command_shows_images_of_the_total(ray_local, s3_bucket, tmp_pat
         ["run", f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", "--model", str(model)]
         + ["--date", "2024-05-03", "--images-per-shard", "4"]
     )
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert code == 0
+    assert "actors: 1 at most, 1 node labeled" in captured.out
     # tqdm redraws with carriage returns; the last state is what stays on the terminal.
     final = err.replace("\r", "\n").strip().splitlines()[-1]
     assert "labeling: 100%" in final, err[-2000:]
