@@ -1,41 +1,67 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should measure, in one call that fits the lease (about 8 minutes):
-# speed variants of the model (bench/gpu_variants.py), `mixer-label bench` on CUDA, and the
-# CUDA tests. Runs with the machine's own python3 and torch; logs and JSON land in $OUT.
+# Everything a lent GPU should measure, in one call that fits the lease (about 8 minutes on an
+# H100/H200): the speed variants side by side (bench/gpu_variants.py: bf16 as shipped, bf16
+# with the token GELU and the residual in GEMM epilogues, fp8), `mixer-label bench` on CUDA
+# with its agreement columns, and the CUDA tests. Needs only the machine's own python3 with
+# torch (+ torchvision for nvJPEG): no Ray, no S3, no installs. Logs and JSON land in $OUT.
+#
+#   OUT=/some/dir bench/gpu_session.sh            # on the GPU machine
+#   GPU_SESSION_DEVICE=cpu bench/gpu_session.sh   # dry run on a CPU: tiny model, same steps
+#
+# One step per block: `step NAME SECONDS COMMAND...` writes $OUT/NAME.log and prints its exit
+# status and tail. Add a step as one more block. The limits add up to under 600 s, one device
+# command's limit; the device tool brings back at most 8 files from $OUT: today env.log,
+# variants.log/.json, bench.log/.json, gpu-tests.log, gpu-pipeline.log/.json (8).
 set -u
 OUT=${OUT:-/tmp/mixer-label-gpu}
+DEVICE=${GPU_SESSION_DEVICE:-cuda}
+PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-  python3 -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'
-  python3 -c 'import tensorrt; print("tensorrt", tensorrt.__version__)' 2>&1 | tail -1
-  python3 -c 'import onnxruntime as o; print("onnxruntime", o.__version__, o.get_available_providers())'
-  nproc
-} 2>&1 | tee "$OUT/env.txt"
+if [ "$DEVICE" = cpu ]; then  # the dry run: every step, on the tiny preset, in seconds
+  MODEL=tiny BATCH=8 SCALE=4 BENCH_SECONDS=0.2 IMAGES=64
+else
+  MODEL=B/16 BATCH=512 SCALE=1 BENCH_SECONDS=3 IMAGES=4096
+fi
 
-# The paper layout and the separate-GELU variants were measured on 2026-11-27 (BENCHMARKS.md);
-# what is still open: the token GELU in the epilogue, side by side with what the backend runs.
-timeout 250 python3 bench/gpu_variants.py --batch-sizes 512 --autotune-batch 0 \
-  --variants fused-eager,fused-eager-token-epilogue,fused-compiled,fused-compiled-token-epilogue \
-  --json "$OUT/variants.json" >"$OUT/variants.log" 2>&1
-echo "variants: exit $?"; tail -n 14 "$OUT/variants.log"
+step() {  # NAME SECONDS COMMAND...: run COMMAND with a time limit, log to $OUT/NAME.log
+  local name=$1 seconds=$2
+  shift 2
+  timeout "$seconds" "$@" >"$OUT/$name.log" 2>&1
+  echo "$name: exit $?"
+  tail -n "${TAIL:-16}" "$OUT/$name.log"
+}
 
-timeout 150 python3 -m console bench \
-  --device cuda --backends auto,torch,onnxruntime,tensorrt --precisions bf16,fp16 \
-  --batch-sizes 512 --seconds 3 --no-memory --json "$OUT/bench-cuda.json" >"$OUT/bench.log" 2>&1
-echo "bench: exit $?"; grep -E '^\||GPU:|limit' "$OUT/bench.log" | tail -n 14
+# --- the machine ---------------------------------------------------------------------------
+step env 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm \
+  --format=csv 2>&1 | head -2
+$PYTHON -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA\")'
+$PYTHON -c 'import tensorrt; print(\"tensorrt\", tensorrt.__version__)' 2>&1 | tail -1
+$PYTHON -c 'import onnxruntime as o; print(\"onnxruntime\", o.__version__, o.get_available_providers())' 2>&1 | tail -1
+nproc"
 
-timeout 90 python3 -m pytest -q -p no:cacheprovider -o addopts=-ra tests/models/test_gpu_backends.py \
-  >"$OUT/gpu-tests.log" 2>&1
-echo "gpu tests: exit $?"; tail -n 8 "$OUT/gpu-tests.log"
+# --- model-only speed: bf16 as shipped, the epilogue options, fp8 (issue 20) ----------------
+# fp8-eager runs the GEMMs alone with nothing fused around them; -compiled is what
+# precision="fp8" runs. Agreement with fp32 is in every row (top-1, min cosine).
+TAIL=14 step variants $((230 * SCALE)) "$PYTHON" bench/gpu_variants.py --device "$DEVICE" \
+  --model "$MODEL" --batch-sizes "$BATCH" --autotune-batch 0 --json "$OUT/variants.json" \
+  --variants fused-compiled,fused-compiled-token-epilogue,fused-compiled-residual-epilogue,fp8-eager,fp8-compiled,fp8-compiled-fast-accum,fp8-compiled-tensor-scaled
 
-# ---------------------------------------------------------------------------------------------
-# Step (decode helper, issue 16): the actor's hot loop end to end on local tar shards made on
-# the spot (4,096 JPEGs of 500x375 at q90): --decode device vs --decode cpu with 4 threads vs
-# model only, in one call. Needs only this python3's torch + torchvision. Target: decode_device
-# >= 0.8x model_only using <= 4 CPU cores (BENCHMARKS.md, "GPU data path").
-timeout 240 python3 bench/gpu_pipeline.py --backend torch --precision bf16 --batch-size 512 \
-  --images 4096 --cpu-threads 4 --json "$OUT/gpu-pipeline.json" >"$OUT/gpu-pipeline.log" 2>&1
-echo "gpu pipeline: exit $?"; tail -n 6 "$OUT/gpu-pipeline.log"
+# --- mixer-label bench on the device, with its agreement columns ---------------------------
+step bench $((120 * SCALE)) "$PYTHON" -m console bench --device "$DEVICE" \
+  --model "$MODEL" --backends auto,torch,onnxruntime,tensorrt --precisions bf16,fp16,fp8 \
+  --batch-sizes "$BATCH" --seconds "$BENCH_SECONDS" --no-memory --no-timm \
+  --json "$OUT/bench.json"
+
+# --- the CUDA tests (they skip, saying why, where there is no GPU) --------------------------
+TAIL=8 step gpu-tests $((60 * SCALE)) "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts=-ra \
+  tests/models/test_gpu_backends.py
+
+# --- the actor's hot loop end to end (decode helper, issue 16) -----------------------------
+# On local tar shards made on the spot (JPEGs of 500x375 at q90): --decode device vs --decode
+# cpu with 4 threads vs model only. Target: decode_device >= 0.8x model_only using <= 4 CPU
+# cores (BENCHMARKS.md, "GPU data path").
+TAIL=6 step gpu-pipeline $((170 * SCALE)) "$PYTHON" bench/gpu_pipeline.py --device "$DEVICE" \
+  --model "$MODEL" --backend torch --precision bf16 --batch-size "$BATCH" --images "$IMAGES" \
+  --cpu-threads 4 --json "$OUT/gpu-pipeline.json"

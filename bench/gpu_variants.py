@@ -13,7 +13,16 @@ against the fp32 model on the same images (logits cosine, top-1 agreement):
 - *-separate-gelu: the same without `gelu_in_gemm` (GELU as its own kernel).
 - *-token-epilogue: also the token MLP's GELU in the epilogue (`token_gelu_in_gemm`: its GEMM
   computed transposed).
+- *-residual-epilogue: also the residual stream as the second GEMM's accumulator, its bias
+  left to the next LayerNorm's pass (`residual_in_gemm`, issue 20 item 3).
 - fused-autotune: Inductor max-autotune (Triton GEMM templates with fused epilogues).
+- fp8-eager, fp8-compiled: `Fp8Mixer` (torch_fp8.py), what `precision="fp8"` runs: e4m3
+  GEMMs through `torch._scaled_mm`, weights per output channel, activations per row;
+  *-fast-accum: Hopper's fast fp8 accumulation; *-tensor-scaled: one activation scale per
+  matrix instead of per row.
+
+`--device cpu` is a dry run for the CPU (the session script's test): nothing is compiled or
+graphed there, fp8 runs its CPU simulation, and the times mean nothing.
 
 Also measured: the bf16 GEMM ceiling (the model's channel GEMM and 8192^3), and JPEG decode
 on the GPU (nvJPEG through torchvision) against Pillow on one CPU core.
@@ -22,6 +31,7 @@ on the GPU (nvJPEG through torchvision) against Pillow on one CPU core.
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import statistics
@@ -36,15 +46,22 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.measure import agreement, synthetic_images  # noqa: E402
+from models.backends.torch_fp8 import Fp8Mixer  # noqa: E402
 from models.backends.torch_fused import FusedMixer  # noqa: E402
 from models.backends.torch_helpers import CudaGraphed, compile_frozen  # noqa: E402
 from models.mixer import build_preset  # noqa: E402
 
-GFLOP_PER_IMAGE = 25.2  # Mixer-B/16 at 224 (the issue's figure; 2 * MACs)
-
 
 def cuda_time_ms(fn, rounds: int = 7, reps: int = 20) -> float:
-    """Median over `rounds` of the mean time of `reps` calls, by CUDA events."""
+    """Median over `rounds` of the mean time of `reps` calls, by CUDA events (CPU: a clock)."""
+    if not torch.cuda.is_available():
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -66,62 +83,86 @@ def gemm_tflops(m: int, k: int, n: int) -> float:
     return 2 * m * k * n / cuda_time_ms(lambda: a @ b) / 1e9
 
 
+def fp8_gemm_tflops(m: int, k: int, n: int) -> float:
+    """The e4m3 GEMM as Fp8Linear calls it: rowwise scales, bf16 bias and output."""
+    a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn).t()
+    scale_a, scale_b = torch.ones(m, 1, device="cuda"), torch.ones(1, n, device="cuda")
+    bias = torch.zeros(n, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        return torch._scaled_mm(a, b, scale_a, scale_b, bias=bias, out_dtype=torch.bfloat16)
+
+    return 2 * m * k * n / cuda_time_ms(run) / 1e9
+
+
 def build_variant(name: str, model, example: torch.Tensor):
-    """A callable taking a CUDA batch of `example`'s shape, replayed as a CUDA graph."""
+    """A callable taking a batch of `example`'s shape: on CUDA replayed as a CUDA graph."""
     import torch._inductor.config as inductor_config
 
+    on_gpu = example.is_cuda
+
+    def graphed(fn):
+        return CudaGraphed(fn, example) if on_gpu else fn
+
     if name == "paper-eager":
-        paper = build_preset("B/16").to("cuda", torch.bfloat16).eval()
-        paper.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+        paper = copy.deepcopy(model).to(torch.bfloat16).eval()
 
         def paper_forward(x):
             return paper(x.to(torch.bfloat16)).float(), None
 
-        return CudaGraphed(paper_forward, example)
-    in_gemm = "separate-gelu" not in name
-    token_in_gemm = "token-epilogue" in name
-    fused = FusedMixer(
-        model, torch.bfloat16, gelu_in_gemm=in_gemm, token_gelu_in_gemm=token_in_gemm
-    )
-    fused = fused.to("cuda").eval()
-    if name.startswith("fused-eager"):
-        return CudaGraphed(fused, example)
-    if name.startswith("fused-compiled"):
-        return CudaGraphed(compile_frozen(fused, example), example)
+        return graphed(paper_forward)
+    if name.startswith("fp8-"):
+        scaling = "tensor" if "tensor-scaled" in name else "row"
+        module = Fp8Mixer(model, scaling=scaling, fast_accum="fast-accum" in name)
+    else:
+        flags = dict(
+            gelu_in_gemm="separate-gelu" not in name,
+            token_gelu_in_gemm="token-epilogue" in name,
+            residual_in_gemm="residual-epilogue" in name,
+        )
+        module = FusedMixer(model, torch.bfloat16, **flags)
+    module = module.to(example.device).eval()
+    if "-eager" in name or not on_gpu:  # the CPU dry run compiles nothing
+        return graphed(module)
+    if "-compiled" in name:
+        return graphed(compile_frozen(module, example))
     if name == "fused-autotune":
-        compiled = torch.compile(fused, mode="max-autotune-no-cudagraphs", fullgraph=True)
+        compiled = torch.compile(module, mode="max-autotune-no-cudagraphs", fullgraph=True)
         with inductor_config.patch(freezing=True), torch.inference_mode():
             compiled(example)
             compiled(example)
-        return CudaGraphed(compiled, example)
+        return graphed(compiled)
     raise ValueError(f"unknown variant {name!r}")
 
 
-def bench_variants(names, batch_sizes, results) -> None:
-    model = build_preset("B/16").eval()
-    images = synthetic_images(64, 224)
+def bench_variants(names, batch_sizes, results, model_name: str, device: str) -> None:
+    model = build_preset(model_name).eval()
+    size = model.config.image_size
+    images = synthetic_images(64, size)
     with torch.inference_mode():
         reference = model(images)  # fp32 on the CPU: the paper-exact model
-    model = model.cuda()
+    model = model.to(device)
     for batch in batch_sizes:
         for name in names:
             row = {"variant": name, "batch": batch}
             try:
-                example = images.repeat((batch + 63) // 64, 1, 1, 1)[:batch].cuda()
+                example = images.repeat((batch + 63) // 64, 1, 1, 1)[:batch].to(device)
                 start = time.perf_counter()
                 with torch.inference_mode():
                     run = build_variant(name, model, example)
                     row["setup_s"] = time.perf_counter() - start
                     logits = run(example)[0][:64].float().cpu()
-                    row.update(agreement(reference, logits))
+                    row.update(agreement(reference[: len(logits)], logits))
                     ms = cuda_time_ms(lambda run=run, example=example: run(example))
                 row.update(ms=ms, images_per_s=batch / ms * 1e3)
-                row["tflops"] = row["images_per_s"] * GFLOP_PER_IMAGE / 1e3
+                row["tflops"] = row["images_per_s"] * 2 * model.config.macs_per_image() / 1e12
                 run = None  # free its graph before the next variant
             except Exception as err:  # report and go on: one variant must not end the run
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
                 traceback.print_exc()
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             results["variants"].append(row)
             print(json.dumps(row), flush=True)
 
@@ -143,6 +184,9 @@ def bench_decode(count: int, results) -> None:
     for blob in blobs:
         Image.open(io.BytesIO(blob)).convert("RGB").resize((224, 224), Image.BILINEAR)
     results["decode"]["pillow_one_core_images_per_s"] = count / (time.perf_counter() - start)
+    if not torch.cuda.is_available():
+        results["decode"]["nvjpeg"] = "no CUDA device"
+        return
     try:
         from torchvision.io import decode_jpeg
     except ImportError as err:
@@ -178,37 +222,46 @@ def main() -> int:
         help="batch size for fused-autotune (0: skip; on an H100 its tuning ran past 150 s)",
     )
     parser.add_argument("--decode-images", type=int, default=256)
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run")
+    parser.add_argument("--model", default="B/16", help="preset (the dry run uses tiny)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
         print("gpu_variants: no CUDA device visible to torch", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
-    props = torch.cuda.get_device_properties(0)
     results: dict = {
-        "gpu": props.name,
+        "gpu": torch.cuda.get_device_properties(0).name if on_gpu else "none (CPU dry run)",
         "torch": torch.__version__,
+        "model": args.model,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "gemm_tflops": {},
         "variants": [],
         "decode": {},
     }
-    for m, k, n in ((1024 * 196, 768, 3072), (8192, 8192, 8192)):
-        results["gemm_tflops"][f"{m}x{k}x{n}"] = gemm_tflops(m, k, n)
-    print(json.dumps(results["gemm_tflops"]), flush=True)
+    if on_gpu:
+        for m, k, n in ((1024 * 196, 768, 3072), (8192, 8192, 8192)):
+            results["gemm_tflops"][f"bf16 {m}x{k}x{n}"] = gemm_tflops(m, k, n)
+            try:
+                results["gemm_tflops"][f"fp8 {m}x{k}x{n}"] = fp8_gemm_tflops(m, k, n)
+            except RuntimeError as err:  # below compute capability 8.9
+                results["gemm_tflops"][f"fp8 {m}x{k}x{n}"] = str(err).splitlines()[0]
+        print(json.dumps(results["gemm_tflops"]), flush=True)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
-    bench_variants(args.variants.split(","), sizes, results)
-    if args.autotune_batch:
-        bench_variants(["fused-compiled", "fused-autotune"], [args.autotune_batch], results)
+    bench_variants(args.variants.split(","), sizes, results, args.model, args.device)
+    if args.autotune_batch and on_gpu:
+        names = ["fused-compiled", "fused-autotune"]
+        bench_variants(names, [args.autotune_batch], results, args.model, args.device)
     try:
-        bench_decode(args.decode_images, results)
+        bench_decode(args.decode_images if on_gpu else 8, results)
     except Exception as err:
         results["decode"]["error"] = f"{type(err).__name__}: {err}"
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{results['gpu']}, torch {results['torch']}, {results['date']}")
     gemms = results["gemm_tflops"].items()
-    print("bf16 GEMM TFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in gemms))
+    print("GEMM TFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in gemms if isinstance(v, float)))
     print("| variant | batch | img/s | TFLOP/s | top-1 | min cos | setup s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results["variants"]:

@@ -4,7 +4,7 @@
     logits = predictor.predict(batch)           # NCHW float32, normalized -> fp32 logits (CPU)
     logits, features = predictor.predict_with_features(batch)
 
-Backends, one file each: torch (CPU fp32/bf16/int8, CUDA fp32/bf16/fp16), onnxruntime
+Backends, one file each: torch (CPU fp32/bf16/int8, CUDA fp32/bf16/fp16/fp8), onnxruntime
 (CPU fp32, CUDA fp32/fp16), tensorrt (CUDA fp32/fp16/bf16).
 """
 

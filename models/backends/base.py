@@ -15,7 +15,7 @@ from models.backends.auto import Choice
 from models.mixer import MixerConfig, MlpMixer
 from models.preprocessing import Preprocessing
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "fp8")
 
 
 class BackendError(RuntimeError):

@@ -5,7 +5,8 @@ from builder flags. So a reduced-precision graph carries its casts itself: the i
 to fp16/bf16 once, every GEMM runs in that type, each LayerNorm casts up to fp32 and back
 (its mean and variance need the range), the pooled features are averaged in fp32 and the
 logits leave as fp32. The graph is `FusedMixer` (token-major, a GEMM stem, no Conv: ONNX's
-Conv has no bf16) exported by `models.export.export_onnx`.
+Conv has no bf16) exported by `models.export.export_onnx`. fp8 is the fp32 graph with e4m3
+Q/DQ pairs around the block GEMMs (onnx_fp8.py).
 """
 
 from __future__ import annotations
@@ -45,7 +46,12 @@ def export_cached(
     """The ONNX file of `model` at `precision`, exported once per weights sha256."""
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
     path = folder / "onnx" / onnx_file_name(model, precision, opset)
-    if not path.exists():
+    if not path.exists() and precision == "fp8":  # Q/DQ nodes in the fp32 graph (onnx_fp8.py)
+        from models.backends.onnx_fp8 import export_fp8
+
+        log.info("exporting %s with fp8 Q/DQ to %s", model.name, path)
+        export_fp8(model, path)
+    elif not path.exists():
         log.info("exporting %s at %s to %s", model.name, precision, path)
         export_onnx(
             export_module(model, precision), path, model.config.image_size, opset, OUTPUT_NAMES

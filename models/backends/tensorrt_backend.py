@@ -33,7 +33,7 @@ from models.backends.onnx_graph import FEATURES_NAME, export_cached
 from models.export import INPUT_NAME, OUTPUT_NAME, onnx_sha256
 from models.mixer import MlpMixer
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 log = logging.getLogger(__name__)
 
 
@@ -101,6 +101,10 @@ class TensorRTPredictor(Predictor):
             raise BackendError(f"tensorrt needs a CUDA device, not {device!r}")
         if precision not in PRECISIONS:
             raise BackendError(f"tensorrt runs {', '.join(PRECISIONS)}, not {precision!r}")
+        if precision == "fp8":  # Q/DQ in the graph (onnx_fp8.py); the GPU must have fp8 cores
+            from models.backends.torch_fp8 import check_fp8_device
+
+            check_fp8_device(device)
         self.trt, self.precision, self.device = trt, precision, device
         self.preferred_batch_size = batch_size or 256
         self.max_batch_size = max(max_batch_size or 2 * self.preferred_batch_size, 1)

@@ -1,4 +1,4 @@
-"""PyTorch on CPU (fp32, bf16, int8) and CUDA (fp32, bf16, fp16); no autograd anywhere.
+"""PyTorch on CPU (fp32, bf16, int8) and CUDA (fp32, bf16, fp16, fp8); no autograd anywhere.
 
 CPU:
 - fp32 and bf16 run `FusedMixer` (token-major, no transposes; bf16 *weights*, not autocast;
@@ -22,6 +22,8 @@ CPU:
 CUDA: the same module at fp32/bf16/fp16 with the channel MLP's GELU in cuBLASLt's GEMM
 epilogue (tanh-GELU models), compiled, replayed as a CUDA graph of one batch shape (static
 input buffer, padded last batch); BENCHMARKS.md has each step measured on an H100.
+fp8 (compute capability 8.9 and later): `Fp8Mixer` (torch_fp8.py), e4m3 GEMMs through
+`torch._scaled_mm`, compiled and graphed the same way.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from models.mixer import MlpMixer
 
 log = logging.getLogger(__name__)
 CPU_PRECISIONS = ("fp32", "bf16", "int8")
-CUDA_PRECISIONS = ("fp32", "bf16", "fp16")
+CUDA_PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 
 
 class TorchPredictor(Predictor):
@@ -86,6 +88,10 @@ class TorchPredictor(Predictor):
         self.device = device
         self.precision = precision
         on_gpu = device.startswith("cuda")
+        if precision == "fp8":  # before the list below: its error says what fp8 needs
+            from models.backends.torch_fp8 import check_fp8_device
+
+            check_fp8_device(device)
         allowed = CUDA_PRECISIONS if on_gpu else CPU_PRECISIONS
         if precision not in allowed:
             where = "CUDA" if on_gpu else "CPU"
@@ -119,10 +125,15 @@ class TorchPredictor(Predictor):
             return self._build_int8(model)
         if self.aot:
             return self._load_aot(model, precision)
-        dtype = DTYPES[precision]
+        dtype = DTYPES.get(precision, torch.bfloat16)  # fp8: its GEMMs only, the rest bf16
         by_table = self.compiled and dtype == torch.bfloat16 and device == "cpu"
         in_gemm = device.startswith("cuda") and self.config.gelu == "tanh"
-        module = FusedMixer(model, dtype, gelu_by_table=by_table, gelu_in_gemm=in_gemm)
+        if precision == "fp8":
+            from models.backends.torch_fp8 import Fp8Mixer
+
+            module = Fp8Mixer(model)
+        else:
+            module = FusedMixer(model, dtype, gelu_by_table=by_table, gelu_in_gemm=in_gemm)
         module = module.to(device).eval()
         if self._release_source:
             model.to("meta")  # the fused module holds its own converted copy
@@ -137,7 +148,10 @@ class TorchPredictor(Predictor):
                 self.compiled = False
                 self.fixed_batch = self.cuda_graphs
                 self.max_batch_size = self.preferred_batch_size if self.fixed_batch else None
-                forward = FusedMixer(model, dtype, gelu_in_gemm=in_gemm).to(device).eval()
+                if precision == "fp8":  # on CUDA freezing keeps the module's own weights
+                    forward = module
+                else:
+                    forward = FusedMixer(model, dtype, gelu_in_gemm=in_gemm).to(device).eval()
             elif device == "cpu":
                 release_free_memory()
         if self.cuda_graphs:

@@ -23,6 +23,11 @@ the hardware:
   `Y^T (B*C, S) @ W^T (S, D_S)`, so the bias runs along columns as the epilogue wants, and the
   second GEMM reads that result transposed; cuBLAS takes transposed operands in place, so
   nothing is copied. BENCHMARKS.md has both epilogues measured on an H100.
+- `residual_in_gemm` (CUDA; measured only as a bench/gpu_variants.py variant so far) gives the
+  second GEMM of each sub-block the residual stream as its accumulator (`addmm(x, ...)`, so
+  cuBLAS adds it in the epilogue) and leaves that GEMM's bias to the next LayerNorm's pass,
+  which adds it to the stream and normalizes in one read: one pass per sub-block over the
+  residual stream instead of a bias/residual pass and a norm pass (issue 20 item 3).
 - The pooled features are averaged in fp32. `norm_in_fp32` also runs every LayerNorm in fp32
   (the ONNX export for TensorRT's strongly typed builds casts around each norm).
 """
@@ -54,6 +59,7 @@ class FusedMixer(nn.Module):
         norm_in_fp32: bool = False,
         gelu_in_gemm: bool = False,
         token_gelu_in_gemm: bool = False,
+        residual_in_gemm: bool = False,
     ) -> None:
         super().__init__()
         config = model.config
@@ -68,6 +74,7 @@ class FusedMixer(nn.Module):
             raise ValueError("the GEMM epilogue computes the tanh GELU; this model uses erf")
         self.gelu_in_gemm = gelu_in_gemm
         self.token_gelu_in_gemm = token_gelu_in_gemm
+        self.residual_in_gemm = residual_in_gemm
 
         self.norm_dtype = torch.float32 if norm_in_fp32 else dtype
 
@@ -113,23 +120,40 @@ class FusedMixer(nn.Module):
         return y.to(self.dtype)
 
     def token_mixing(self, b: nn.Module, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """`x + W2 @ gelu(W1 @ y + b1) + b2`, all `(S, B * C)`: the token MLP with its residual."""
+        """`x + W2 @ gelu(W1 @ y + b1) + b2`, all `(S, B * C)`: the token MLP with its residual
+        (without `+ b2` under `residual_in_gemm`: the next norm's pass adds it)."""
         if self.token_gelu_in_gemm:
             bias = b.token_fc1_bias.view(-1)
-            h = torch._addmm_activation(bias, y.t(), b.token_fc1_weight.t(), use_gelu=True)
-            return torch.addmm(x + b.token_fc2_bias, b.token_fc2_weight, h.t())
-        y = self.gelu(torch.mm(b.token_fc1_weight, y) + b.token_fc1_bias)
-        return x + (torch.mm(b.token_fc2_weight, y) + b.token_fc2_bias)
+            h = torch._addmm_activation(bias, y.t(), b.token_fc1_weight.t(), use_gelu=True).t()
+        else:
+            h = self.gelu(torch.mm(b.token_fc1_weight, y) + b.token_fc1_bias)
+        if self.residual_in_gemm:
+            return torch.addmm(x, b.token_fc2_weight, h)
+        if self.token_gelu_in_gemm:
+            return torch.addmm(x + b.token_fc2_bias, b.token_fc2_weight, h)
+        return x + (torch.mm(b.token_fc2_weight, h) + b.token_fc2_bias)
 
     def channel_mixing(self, b: nn.Module, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """`x + MLP(y)` over `(S * B, C)` rows: the channel MLP with its residual."""
+        """`x + MLP(y)` over `(S * B, C)` rows: the channel MLP with its residual (without the
+        last bias under `residual_in_gemm`)."""
         if self.gelu_in_gemm:
             h = torch._addmm_activation(
                 b.channel_fc1_bias, y, b.channel_fc1_weight.t(), use_gelu=True
             )
+        else:
+            h = self.gelu(F.linear(y, b.channel_fc1_weight, b.channel_fc1_bias))
+        if self.residual_in_gemm:
+            return torch.addmm(x, h, b.channel_fc2_weight.t())
+        if self.gelu_in_gemm:
             return torch.addmm(x, h, b.channel_fc2_weight.t()).add_(b.channel_fc2_bias)
-        h = self.gelu(F.linear(y, b.channel_fc1_weight, b.channel_fc1_bias))
         return x + F.linear(h, b.channel_fc2_weight, b.channel_fc2_bias)
+
+    def add_carried(self, x: torch.Tensor, bias: torch.Tensor | None, tokens: int) -> torch.Tensor:
+        """`x` (S * B, C) plus a bias shaped to broadcast over (S, B, C); compiled, this add and
+        the LayerNorm after it are one pass."""
+        if bias is None:
+            return x
+        return (x.view(tokens, -1, self.channels) + bias).view(x.shape)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, _, height, width = images.shape
@@ -140,11 +164,17 @@ class FusedMixer(nn.Module):
         patches = images.to(self.dtype).reshape(batch, 3, rows, p, cols, p)
         patches = patches.permute(2, 4, 0, 1, 3, 5).reshape(tokens * batch, 3 * p * p)
         x = F.linear(patches, self.stem_weight, self.stem_bias)  # (S * B, C)
+        carried = None  # under residual_in_gemm: the bias the last GEMM left to the next norm
         for b in self.blocks:
+            x = self.add_carried(x, carried, tokens)
             y = self.norm(x, b.token_norm_weight, b.token_norm_bias).view(tokens, batch * c)
             x = self.token_mixing(b, y, x.view(tokens, batch * c)).view(tokens * batch, c)
+            carried = b.token_fc2_bias.view(tokens, 1, 1) if self.residual_in_gemm else None
+            x = self.add_carried(x, carried, tokens)
             y = self.norm(x, b.channel_norm_weight, b.channel_norm_bias)
             x = self.channel_mixing(b, y, x)
+            carried = b.channel_fc2_bias if self.residual_in_gemm else None
+        x = self.add_carried(x, carried, tokens)
         x = F.layer_norm(x.to(self.norm_dtype), (c,), self.norm_weight, self.norm_bias, eps=1e-6)
         features = x.view(tokens, batch, c).float().mean(dim=0)
         logits = F.linear(features.to(self.dtype), self.head_weight, self.head_bias)

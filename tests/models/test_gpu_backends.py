@@ -19,6 +19,19 @@ requires_cuda = pytest.mark.skipif(
 )
 
 
+def fp8_missing() -> str | None:
+    from models.backends.torch_fp8 import check_fp8_device
+
+    try:
+        check_fp8_device("cuda:0")
+    except BackendError as err:
+        return str(err)
+    return None
+
+
+requires_fp8 = pytest.mark.skipif(fp8_missing() is not None, reason=f"{fp8_missing()}")
+
+
 def tensorrt_missing() -> str | None:
     from models.backends.tensorrt_backend import import_tensorrt
 
@@ -99,7 +112,15 @@ def test_gemm_epilogue_gelu_is_the_tanh_form_on_cuda():
 
 
 @requires_cuda
-@pytest.mark.parametrize("flags", [("gelu_in_gemm",), ("gelu_in_gemm", "token_gelu_in_gemm")])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("gelu_in_gemm",),
+        ("gelu_in_gemm", "token_gelu_in_gemm"),
+        ("residual_in_gemm",),
+        ("gelu_in_gemm", "token_gelu_in_gemm", "residual_in_gemm"),
+    ],
+)
 def test_fused_gelu_in_gemm_matches_the_separate_gelu(tiny, images, flags):
     plain = FusedMixer(tiny, torch.float32).cuda()
     in_gemm = FusedMixer(tiny, torch.float32, **dict.fromkeys(flags, True)).cuda()
@@ -107,6 +128,23 @@ def test_fused_gelu_in_gemm_matches_the_separate_gelu(tiny, images, flags):
         expected, _ = plain(images.cuda())
         logits, _ = in_gemm(images.cuda())
     assert (logits - expected).abs().max().item() < 1e-3
+
+
+@requires_fp8
+@pytest.mark.parametrize("compile", [False, True])
+def test_torch_fp8_on_cuda_is_its_cpu_simulation(tiny, images, compile):
+    """`torch._scaled_mm` computes what tests/models/test_torch_fp8.py simulates on the CPU."""
+    from models.backends.torch_fp8 import Fp8Mixer
+
+    predictor = create(tiny, "torch", "fp8", "cuda", batch_size=8, compile=compile)
+    assert predictor.precision == "fp8" and predictor.cuda_graphs
+    logits = predictor.predict(images)
+    with torch.inference_mode():
+        simulated, _ = Fp8Mixer(tiny, simulate=True)(images)
+    difference = (logits - simulated).abs().max().item()
+    print(f"fp8 on {torch.cuda.get_device_name()} vs CPU simulation: max diff {difference:.2e}")
+    assert F.cosine_similarity(logits, simulated).min() > 0.999
+    check_close(predictor, tiny, images, 0.2)
 
 
 @requires_cuda
