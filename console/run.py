@@ -16,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", required=True, help="checkpoint (path or s3:// URI) or preset name (B/16)"
     )
     parser.add_argument("--backend", default="auto", help="auto, torch, onnxruntime, tensorrt")
-    parser.add_argument("--precision", default="auto", help="auto, fp32, bf16, fp16, int8")
+    parser.add_argument(
+        "--precision", default="auto", help="auto, fp32, bf16, fp16, int8, fp8 (CUDA 8.9+)"
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per model call")
     parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
     parser.add_argument(
