@@ -143,21 +143,3 @@ def _fp8_initializer(name: str, q: torch.Tensor):
 
     raw = q.contiguous().view(torch.uint8).numpy().tobytes()  # e4m3fn bits, as ONNX stores them
     return helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, list(q.shape), raw, raw=True)
-
-
-def export_fp8(model, path: str | Path, images: torch.Tensor | None = None) -> Path:
-    """`model`'s fp8 Q/DQ graph at `path`, its activation scales calibrated on `images`
-    (default: `torch_int8.calibration_images`)."""
-    from models.backends.onnx_graph import OUTPUT_NAMES, export_module
-    from models.backends.torch_int8 import calibration_images
-    from models.export import export_onnx
-
-    path = Path(path)
-    base = path.with_name(path.stem + "-fp32-base.onnx")
-    export_onnx(export_module(model, "fp32"), base, model.config.image_size, 18, OUTPUT_NAMES)
-    try:
-        if images is None:
-            images = calibration_images(model.config)
-        return insert_qdq(base, path, activation_amax(base, images))
-    finally:
-        base.unlink(missing_ok=True)

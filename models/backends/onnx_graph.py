@@ -47,8 +47,6 @@ def export_cached(
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
     path = folder / "onnx" / onnx_file_name(model, precision, opset)
     if not path.exists() and precision == "fp8":  # Q/DQ nodes in the fp32 graph (onnx_fp8.py)
-        from models.backends.onnx_fp8 import export_fp8
-
         log.info("exporting %s with fp8 Q/DQ to %s", model.name, path)
         export_fp8(model, path)
     elif not path.exists():
@@ -57,3 +55,20 @@ def export_cached(
             export_module(model, precision), path, model.config.image_size, opset, OUTPUT_NAMES
         )
     return path
+
+
+def export_fp8(model: MlpMixer, path: str | Path, images: torch.Tensor | None = None) -> Path:
+    """`model`'s fp8 Q/DQ graph (onnx_fp8.py) at `path`, its activation scales calibrated on
+    `images` (default: `torch_int8.calibration_images`)."""
+    from models.backends.onnx_fp8 import activation_amax, insert_qdq
+    from models.backends.torch_int8 import calibration_images
+
+    path = Path(path)
+    base = path.with_name(path.stem + "-fp32-base.onnx")
+    export_onnx(export_module(model, "fp32"), base, model.config.image_size, OPSET, OUTPUT_NAMES)
+    try:
+        if images is None:
+            images = calibration_images(model.config)
+        return insert_qdq(base, path, activation_amax(base, images))
+    finally:
+        base.unlink(missing_ok=True)

@@ -175,7 +175,7 @@ def test_bad_arguments_name_what_is_wrong(tiny):
     with pytest.raises(ValueError, match="backend must be"):
         create(tiny, "tflite")
     with pytest.raises(ValueError, match="precision must be"):
-        create(tiny, "torch", "fp8")
+        create(tiny, "torch", "fp4")
     with pytest.raises(ValueError, match="unknown predictor option"):
         create(tiny, "torch", "fp32", "cpu", batchsize=4)
     with pytest.raises(BackendError, match="fp16"):

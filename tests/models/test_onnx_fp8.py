@@ -10,7 +10,8 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from bench.measure import agreement
-from models.backends.onnx_fp8 import OPSET, export_fp8
+from models.backends.onnx_fp8 import OPSET
+from models.backends.onnx_graph import export_fp8
 
 TOP1, COSINE = 0.99, 0.99
 
