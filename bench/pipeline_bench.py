@@ -123,6 +123,7 @@ def checkpoint_file(spec: str) -> str:
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
+    from pipeline.ray_quiet import quiet_ray
     from pipeline.storage import StorageOptions, open_storage
 
     args.model = checkpoint_file(args.model)
@@ -144,13 +145,14 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         s3_client(StorageOptions(endpoint_url=endpoint)).create_bucket(Bucket=bucket)
         storage = open_storage(f"s3://{bucket}", StorageOptions(endpoint_url=endpoint))
         t = time.perf_counter()
-        ray.init(
-            num_cpus=args.cpus,
-            include_dashboard=False,
-            configure_logging=False,
-            log_to_driver=False,
-            object_store_memory=512 * 1024 * 1024,
-        )
+        with quiet_ray():  # no token-auth banner in the middle of the benchmark's output
+            ray.init(
+                num_cpus=args.cpus,
+                include_dashboard=False,
+                configure_logging=False,
+                log_to_driver=False,
+                object_store_memory=512 * 1024 * 1024,
+            )
         results["ray_init_s"] = time.perf_counter() - t
         if not args.skip_throughput:
             _throughput(storage, bucket, endpoint, args, results)

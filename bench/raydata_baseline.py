@@ -155,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import ray
 
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    from pipeline.ray_quiet import quiet_ray
+
+    with quiet_ray():
+        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         result = run_baseline(
             args.input,
