@@ -53,8 +53,9 @@ class BenchOptions:
 
 
 def configurations(options: BenchOptions, device: str) -> list[tuple[str, str]]:
-    """(backend, precision) pairs to run: auto first, then each valid explicit pair once."""
-    from models.backends import available_backends, choose
+    """(backend, precision) pairs to run: ("auto", "auto") first (create() measures its
+    candidates, or reads its cached decision), then each valid explicit pair once."""
+    from models.backends import available_backends
     from models.backends.onnxruntime_backend import PRECISIONS as ORT
     from models.backends.tensorrt_backend import PRECISIONS as TRT
     from models.backends.torch_backend import CPU_PRECISIONS, CUDA_PRECISIONS
@@ -68,8 +69,7 @@ def configurations(options: BenchOptions, device: str) -> list[tuple[str, str]]:
     present = available_backends(device)
     pairs: list[tuple[str, str]] = []
     if "auto" in options.backends:
-        auto = choose("auto", "auto", device)
-        pairs.append((auto.backend, auto.precision))
+        pairs.append(("auto", "auto"))
     for backend in options.backends:
         if backend == "auto":
             continue
@@ -155,9 +155,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
                         log,
                     )
                 )
-                results[-1]["auto"] = (
-                    "auto" in options.backends and (backend, precision) == pairs[0]
-                )
+                results[-1]["auto"] = (backend, precision) == ("auto", "auto")
             except (BackendError, RuntimeError, ValueError) as err:
                 message = str(err).splitlines()[0][:200]
                 log(f"  {backend} {precision}: skipped ({message})")
@@ -192,9 +190,13 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
             )
     report["results"] = results
 
-    if options.memory and "auto" in options.backends and pairs:
-        backend, precision = pairs[0]
-        batch = next((r["batch_size"] for r in results if r["backend"] == backend), 16)
+    auto = next((r for r in results if r.get("auto")), None)
+    if auto is not None:
+        report["auto"] = auto.get("auto_decision")
+        report["auto_vs_fastest"] = _auto_against_fastest(auto, results)
+    if options.memory and auto is not None:
+        # The chosen pair explicitly: the probe measures memory, not the choosing.
+        backend, precision, batch = auto["backend"], auto["precision"], auto["batch_size"]
         log(f"peak memory of a fresh {backend} {precision} predictor ...")
         report["memory"] = memory_in_fresh_process(options.model, backend, precision, batch, device)
     return report
@@ -234,16 +236,41 @@ def _bench_predictor(
         "precision": predictor.precision,
         "device": predictor.device,
         "setup_s": setup,
-        "compiled": getattr(predictor, "compiled", None),
+        "compiled": predictor.compiled,
         **timing.to_dict(),
         **quality,
     }
+    if predictor.auto_decision is not None:
+        row["auto_decision"] = predictor.auto_decision
     log(
         f"  {row['backend']:12s} {row['precision']:5s} batch {batch:4d}: "
         f"{row['images_per_s']:9.1f} img/s  top-1 {quality['top1_agreement']:.3f}  "
         f"(setup {setup:.0f} s)"
     )
     return row
+
+
+def _auto_against_fastest(auto: dict, results: list[dict]) -> dict[str, object]:
+    """auto's median img/s against the fastest explicit predictor of the same run (and the
+    fastest that kept fp32's labels by auto's own thresholds)."""
+    from models.backends.auto_measure import COSINE_MIN, TOP1_MIN
+
+    explicit = [r for r in results if not r.get("auto") and "top1_agreement" in r]
+    if not explicit:
+        return {}
+    fastest = max(explicit, key=lambda r: r["images_per_s"])
+    faithful = [
+        r for r in explicit if r["top1_agreement"] >= TOP1_MIN and r["min_cosine"] >= COSINE_MIN
+    ]
+    out = {
+        "fastest": f"{fastest['backend']} {fastest['precision']}",
+        "ratio_to_fastest": auto["images_per_s"] / fastest["images_per_s"],
+    }
+    if faithful:
+        best = max(faithful, key=lambda r: r["images_per_s"])
+        out["fastest_faithful"] = f"{best['backend']} {best['precision']}"
+        out["ratio_to_fastest_faithful"] = auto["images_per_s"] / best["images_per_s"]
+    return out
 
 
 def _bench_timm(config, images, options, sizes, device, log) -> list[dict]:
@@ -375,6 +402,34 @@ def format_markdown(report: dict) -> str:
             f"budget 1.5 x weights + one batch's activations = {budget:.0f} MB"
             + (f"; compiled package: {memory['package']}." if memory.get("package") else "."),
         ]
+    decision = report.get("auto")
+    if decision:
+        lines += [
+            "",
+            f"auto chose **{decision['chose']}** by measurement ({decision['source']}; "
+            f"agreement on {decision['calibration']}; {decision['measured_at']}):",
+            "",
+            "| candidate | img/s | top-1 agree | min cos | passed |",
+            "|---|---:|---:|---:|---|",
+        ]
+        for c in decision["candidates"]:
+            name = f"{c['backend']} {c['precision']}" + (
+                f" ({c['engine']})" if c.get("engine") else ""
+            )
+            passed = "yes" if c["passed"] else f"no{': ' + c['error'] if c.get('error') else ''}"
+            lines.append(
+                f"| {name} | {c['images_per_s']:.1f} | {100 * c['top1_agreement']:.1f}% | "
+                f"{c['min_cosine']:.4f} | {passed} |"
+            )
+        against = report.get("auto_vs_fastest") or {}
+        if against:
+            text = f"auto / fastest ({against['fastest']}): {against['ratio_to_fastest']:.2f}"
+            if "fastest_faithful" in against:
+                text += (
+                    f"; auto / fastest faithful ({against['fastest_faithful']}): "
+                    f"{against['ratio_to_fastest_faithful']:.2f}"
+                )
+            lines += ["", text]
     if report.get("notes"):
         lines += ["", *[f"- {note}" for note in report["notes"]]]
     return "\n".join(lines)

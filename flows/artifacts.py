@@ -61,6 +61,7 @@ def summary_markdown(summary: Mapping[str, Any], drift: DriftReport | None = Non
         f"| model | `{summary['model']}` |",
         f"| model sha256 | `{summary['model_sha256']}` |",
         f"| backend | {summary.get('backend') or '-'} ({summary.get('precision') or '-'}) |",
+        *auto_lines(summary.get("auto")),
         f"| input | `{redact_uri(str(summary['input_uri']))}` |",
         f"| output | `{redact_uri(str(summary.get('partition_uri') or summary['output_uri']))}` |",
         f"| run id | `{summary['run_id']}` |",
@@ -96,6 +97,18 @@ def pool_markdown(summary: Mapping[str, Any]) -> list[str]:
         skipped = len(rows) - 2 * POOL_ROWS_SHOWN
         rows = [*rows[:POOL_ROWS_SHOWN], f"| ({skipped} changes) | | |", *rows[-POOL_ROWS_SHOWN:]]
     return lines + rows
+
+
+def auto_lines(auto: Mapping[str, Any] | None) -> list[str]:
+    """The table row saying what `auto` chose and the measurements it chose by."""
+    if not auto:
+        return []
+    measured = ", ".join(
+        f"{c['backend']} {c['precision']} {float(c['images_per_s']):.1f} img/s top-1 "
+        f"{100 * float(c['top1_agreement']):.1f}%{'' if c.get('passed') else ' (failed)'}"
+        for c in auto.get("candidates", ())
+    )
+    return [f"| auto | chose {auto.get('chose')} ({auto.get('source')}): {measured} |"]
 
 
 def failed_files_markdown(summary: Mapping[str, Any]) -> list[str]:

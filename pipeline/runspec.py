@@ -152,6 +152,7 @@ class ShardResult:
     error: str | None = None  # why the shard failed (or was skipped)
     backend: str | None = None
     precision: str | None = None
+    auto: dict[str, Any] | None = None  # the predictor's auto_decision, when auto measured
     attempts: int = 1
     model_seconds: float = 0.0  # inside the predictor
     wait_seconds: float = 0.0  # the model loop waiting for downloaded, decoded images
@@ -173,6 +174,7 @@ class RunSummary:
     model_sha256: str
     backend: str | None = None
     precision: str | None = None
+    auto: dict[str, Any] | None = None  # how auto chose the backend (Predictor.auto_decision)
     images: int = 0
     errors: int = 0
     seconds: float = 0.0
@@ -216,6 +218,7 @@ class RunSummary:
             return
         if not self.shards_done:  # the backend of this run, not of the outputs it found
             self.backend, self.precision = result.backend, result.precision
+            self.auto = result.auto
         self.shards_done += 1
         if result.worker_node:
             self.nodes[result.worker_node] = self.nodes.get(result.worker_node, 0) + 1

@@ -131,6 +131,7 @@ class ShardLabeler:
             class_counts=table.class_counts(),
             backend=self.predictor.name,
             precision=self.predictor.precision,
+            auto=self.predictor.auto_decision,
             model_seconds=timing.model_s,
             wait_seconds=timing.wait_s,
             started_at=started_at,

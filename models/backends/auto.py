@@ -44,6 +44,10 @@ from models.backends.hardware import (
 )
 
 COMPILE_MIN_GFLOP = 1.0  # below this per image, compiling costs more than it saves
+# The reduced precisions auto measures on CUDA, each from the compute capability whose tensor
+# cores run it natively. fp8 (Ada / Hopper, cc >= 8.9) joins here as ((8, 9), "fp8") once a
+# backend runs it; the torch backend's precision list decides whether it is offered.
+CUDA_CANDIDATES: tuple[tuple[tuple[int, int], str], ...] = (((7, 0), "fp16"), ((8, 0), "bf16"))
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,38 @@ def rule(
             precision = "fp16"
         reasons.append(why)
     return Choice(backend, precision, device, "; ".join(reasons) or "as requested")
+
+
+def candidates(
+    device: str,
+    available: tuple[str, ...],
+    cpu: CpuInfo,
+    gpu: GpuInfo | None,
+    static_int8: bool,
+    runs: dict[str, tuple[str, ...]] | None = None,
+) -> list[Choice]:
+    """What measured auto tries here, fp32 first (the reference): the precisions the hardware
+    runs natively, on the backends present; `runs` (backend -> precisions it offers) drops
+    what no backend implements (fp8 before issue 20's backend lands)."""
+    on_gpu = device.startswith("cuda")
+    found = [Choice("torch", "fp32", device, "the reference")]
+    if on_gpu:
+        if gpu is None:
+            raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+        native = [p for cc, p in CUDA_CANDIDATES if gpu.capability >= cc]
+        for backend in ("torch", "tensorrt"):
+            if backend in available:
+                found += [Choice(backend, p, device, f"{gpu.name}: native {p}") for p in native]
+    else:
+        # bf16 only with a bf16 dot product (else emulated, slower than fp32); int8 with
+        # integer dot products (dynamic) or oneDNN's static path.
+        if cpu.native_bf16:
+            found.append(Choice("torch", "bf16", device, f"{cpu.model_name}: native bf16"))
+        if cpu.int8_dot or static_int8:
+            found.append(Choice("torch", "int8", device, f"{cpu.model_name}: int8 dot products"))
+    if runs is not None:
+        found = [c for c in found if c.precision in runs.get(c.backend, ())]
+    return found
 
 
 def choose(

@@ -36,6 +36,9 @@ class Predictor(ABC):
     aot_info: dict[str, object] | None = None  # that package's key and where it came from
     int8_engine: str | None = None  # int8 only: which quantized path runs
     int8_dynamic: bool = False  # int8 only: activations quantized per batch, nothing fused
+    # auto by measurement (auto_measure.Decision.summary()): what it chose, each candidate's
+    # img/s and agreement, measured or read from a cache; None for an explicit choice.
+    auto_decision: dict[str, object] | None = None
 
     def __init__(self, model: MlpMixer) -> None:
         self.config: MixerConfig = model.config
@@ -90,6 +93,8 @@ class Predictor(ABC):
         }
         if self.precision == "int8" and self.int8_engine:
             described["int8_engine"] = self.int8_engine
+        if self.auto_decision is not None:
+            described["auto"] = self.auto_decision
         return described
 
     def __repr__(self) -> str:

@@ -152,7 +152,7 @@ def test_configurations_put_auto_first_and_run_each_pair_once():
         backends=("auto", "torch", "tensorrt"), precisions=("bf16", "fp16", "int8")
     )
     pairs = configurations(options, "cpu")
-    assert pairs[0][0] == "torch" and len(pairs) == len(set(pairs))
+    assert pairs[0] == ("auto", "auto") and len(pairs) == len(set(pairs))
     assert ("torch", "fp16") not in pairs  # not a CPU precision
     assert any("tensorrt" in note for note in options.notes)
 
@@ -187,6 +187,12 @@ def test_whole_run_on_tiny_gives_table_and_json(tmp_path, capsys):
     rows = {(r["backend"], r["precision"]) for r in report["results"]}
     assert {("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32")} <= rows
     assert report["results"][0]["auto"] and "(auto) | 4 |" in out
+    # auto measured its candidates at the run's batch size; the table and JSON say how.
+    decision = report["auto"]
+    assert decision["source"] == "measured" and decision["candidates"][0]["precision"] == "fp32"
+    chose = f"{report['results'][0]['backend']} {report['results'][0]['precision']}"
+    assert decision["chose"] == chose and f"auto chose **{chose}** by measurement" in out
+    assert "ratio_to_fastest" in report["auto_vs_fastest"]
     for row in report["results"]:
         assert row["batch_size"] == 4 and row["images_per_s"] > 0
         assert 0 <= row["top1_agreement"] <= 1 and row["percent_of_limit"] > 0

@@ -238,3 +238,38 @@ def test_shard_progress_throttles_but_always_reports_the_end_and_logs_each_shard
     assert handler.lines[0] == "WARNING shard 1/2: FAILED s1: gone"
     assert re.fullmatch(r"INFO shard 2/2: 4 images, 1 error, [\d,]+ img/s \(s2\)", handler.lines[1])
     assert len(handler.lines) == 2  # the skipped shard is counted, not logged
+
+
+def test_summary_says_what_auto_chose_and_the_measurements():
+    auto = {
+        "chose": "torch int8",
+        "source": "measured",
+        "candidates": [
+            {
+                "backend": "torch",
+                "precision": "fp32",
+                "images_per_s": 10.0,
+                "top1_agreement": 1.0,
+                "passed": True,
+            },
+            {
+                "backend": "torch",
+                "precision": "int8",
+                "images_per_s": 17.5,
+                "top1_agreement": 0.995,
+                "passed": True,
+            },
+            {
+                "backend": "torch",
+                "precision": "bf16",
+                "images_per_s": 30.0,
+                "top1_agreement": 0.9,
+                "passed": False,
+            },
+        ],
+    }
+    text = summary_markdown({**SUMMARY, "auto": auto}, None)
+    row = next(line for line in text.splitlines() if line.startswith("| auto |"))
+    assert "chose torch int8 (measured)" in row and "int8 17.5 img/s top-1 99.5%" in row
+    assert "bf16 30.0 img/s top-1 90.0% (failed)" in row
+    assert "| auto |" not in summary_markdown(SUMMARY, None)

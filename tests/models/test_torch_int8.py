@@ -204,7 +204,7 @@ def test_auto_takes_bf16_when_its_int8_would_only_be_dynamic(caplog):
     if not cpu_info().amx_int8 or not static_int8_available():
         pytest.skip("auto picks int8 for its static path only with AMX int8 and torchao")
     with caplog.at_level(logging.WARNING, logger="models.backends"):
-        predictor = create(model, "auto", "auto", "cpu", batch_size=2, compile=False)
+        predictor = create(model, "torch", "auto", "cpu", batch_size=2, compile=False)
     assert predictor.precision == "bf16" and "bf16 instead" in predictor.choice.reason
     assert "auto falls back to bf16" in caplog.text
     explicit = create(model, "torch", "int8", "cpu", batch_size=2, compile=False)

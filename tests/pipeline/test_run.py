@@ -122,7 +122,12 @@ def test_every_image_exactly_once_broken_ones_as_error_rows(
     partition = f"s3://{s3_bucket}/out/date={DATE}"
     assert set(objects) == {f"{partition}/{name}" for name in _names(objects)}
     assert f"{partition}/_SUCCESS.json" in objects
-    assert json.loads(storage.get(f"{partition}/_SUCCESS.json"))["run_id"] == summary["run_id"]
+    success = json.loads(storage.get(f"{partition}/_SUCCESS.json"))
+    assert success["run_id"] == summary["run_id"]
+    # backend/precision auto: measured in the worker, and the summary says by what numbers.
+    assert success["auto"]["chose"] == f"{summary['backend']} {summary['precision']}"
+    assert success["auto"]["candidates"][0]["precision"] == "fp32"
+    assert all("images_per_s" in c and "top1_agreement" in c for c in success["auto"]["candidates"])
     # The file metadata says which model, backend and input made it.
     some = next(uri for uri in objects if uri.endswith("zoo.parquet"))
     metadata = {
