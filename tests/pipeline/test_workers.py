@@ -210,6 +210,16 @@ def test_shard_labeler_labels_two_shards_at_once_without_ray(tmp_path) -> None:
         rows += file.read().to_pylist()
     assert sorted(r["key"] for r in rows) == sorted(keys)
     assert all(r["true_label"] == int(r["key"][-6:]) % 10 for r in rows)
+    # backend/precision auto: the worker measured, and each result carries how it chose,
+    # which RunSummary keeps for _SUCCESS.json and the Prefect summary.
+    from pipeline.runspec import RunSummary
+
+    auto = results[0].auto
+    assert auto and auto["chose"] == f"{results[0].backend} {results[0].precision}"
+    summary = RunSummary("r1", source, str(tmp_path / "out"), "2024-01-01", "tiny", sha256)
+    for result in results:
+        summary.add(result)
+    assert summary.to_dict()["auto"] == auto
 
 
 def test_compile_cache_is_the_runs_shared_store(s3_server, s3_bucket) -> None:
