@@ -26,6 +26,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -56,6 +57,7 @@ class FaultProxy:
         trickle_max_s: float = 20.0,
         max_requests: int = 20_000,
         only_methods: tuple[str, ...] | None = None,
+        matches: Callable[[str, str], bool] | None = None,
     ):
         parts = urlsplit(upstream)
         self.upstream_host = parts.hostname or "127.0.0.1"
@@ -67,6 +69,7 @@ class FaultProxy:
         self.trickle_max_s = trickle_max_s
         self.max_requests = max_requests
         self.only_methods = only_methods
+        self.matches = matches  # (method, path) -> whether faults may hit this request
         self.script: list[str | None] = []  # consumed first; None means "pass this one"
         self.counts: Counter[str] = Counter()
         self._random = random.Random(seed)
@@ -89,12 +92,14 @@ class FaultProxy:
             self._burst_until = time.monotonic() + seconds
             self._burst_faults = faults
 
-    def choose(self, method: str) -> str | None:
+    def choose(self, method: str, path: str = "") -> str | None:
         with self._lock:
             self.counts["requests"] += 1
             if self.counts["requests"] > self.max_requests:
                 raise RuntimeError("fault proxy: request limit reached")
             if self.only_methods and method not in self.only_methods:
+                return None
+            if self.matches is not None and not self.matches(method, path):
                 return None
             if self.script:
                 fault = self.script.pop(0)
@@ -151,7 +156,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         owner = self.owner
         body = self._body()
-        fault = owner.choose(self.command)
+        fault = owner.choose(self.command, self.path)
         if fault == "slowdown":
             return self._error(503, _SLOWDOWN)
         if fault == "internal":
