@@ -315,7 +315,9 @@ def preflight(config: RunConfig, storages: RunStorages | None = None) -> tuple[s
 
     try:
         storages = storages or RunStorages.open(config)
-        shards = list_shards(storages.input, config.input_uri, config.images_per_shard)
+        # The listing starts here: a wrong endpoint fails it in seconds (for_preflight).
+        source = storages.input.for_preflight()
+        shards = list_shards(source, config.input_uri, config.images_per_shard)
         first = next(shards, None)
         if first is None:
             if "://" not in config.input_uri and not Path(config.input_uri).exists():

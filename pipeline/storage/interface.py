@@ -76,6 +76,11 @@ class Storage(ABC):
     def join(self, prefix_uri: str, *parts: str) -> str:
         """prefix_uri / part / part..., with exactly one slash between parts."""
 
+    def for_preflight(self) -> Storage:
+        """This storage as pre-flight checks use it: a remote endpoint that refuses connections
+        fails in seconds (a wrong endpoint), while throttling keeps the whole retry budget."""
+        return self
+
     def with_deadline(self, deadline: float | None) -> Storage:
         """This storage, with retries stopping at `deadline` (monotonic seconds) if remote."""
         return self

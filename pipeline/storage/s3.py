@@ -137,13 +137,16 @@ class S3Storage(Storage):
         view.deadline = deadline
         return view
 
+    def for_preflight(self) -> S3Storage:
+        view = copy.copy(self)  # the same client: only the retry policy differs
+        retry = dataclasses.replace(self.options.retry, unreachable_s=PREFLIGHT_UNREACHABLE_S)
+        view.options = dataclasses.replace(self.options, retry=retry)
+        return view
+
     def check_writable(self, prefix_uri: str) -> None:
         """As Storage.check_writable; an endpoint refusing connections fails in seconds, while
         throttling and 5xx are retried for the whole budget and reported as such."""
-        probe = copy.copy(self)
-        retry = dataclasses.replace(self.options.retry, unreachable_s=PREFLIGHT_UNREACHABLE_S)
-        probe.options = dataclasses.replace(self.options, retry=retry)
-        Storage.check_writable(probe, prefix_uri)
+        Storage.check_writable(self.for_preflight(), prefix_uri)
 
     def join(self, prefix_uri: str, *parts: str) -> str:
         pieces = [prefix_uri.rstrip("/")] + [p.strip("/") for p in parts if p.strip("/")]

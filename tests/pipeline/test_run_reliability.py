@@ -152,3 +152,24 @@ def test_a_footer_read_that_keeps_failing_never_relabels_a_done_shard(tmp_path):
     flaky = RunStorages(storages.input, Flaky(), storages.partition_uri)
     with pytest.raises(StorageUnavailable, match="throttling"):
         list(plan_shards(config, "sha", None, flaky))  # stops: never "labeling again"
+
+
+def test_a_wrong_endpoint_fails_the_run_preflight_in_seconds(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    from pipeline.run import RunError, preflight
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = RunConfig(
+        "s3://b/in", str(tmp_path / "out"), "tiny", s3_endpoint_url=f"http://127.0.0.1:{port}"
+    )
+    start = time.monotonic()
+    with pytest.raises(RunError, match=f"cannot reach the S3 endpoint http://127.0.0.1:{port}"):
+        preflight(config)
+    assert time.monotonic() - start < 15  # not the 60 s retry budget
