@@ -173,3 +173,30 @@ def test_a_wrong_endpoint_fails_the_run_preflight_in_seconds(tmp_path, monkeypat
     with pytest.raises(RunError, match=f"cannot reach the S3 endpoint http://127.0.0.1:{port}"):
         preflight(config)
     assert time.monotonic() - start < 15  # not the 60 s retry budget
+
+
+def test_a_reset_while_reading_a_done_footer_is_retried_and_the_shard_skipped(s3_server, s3_bucket):
+    from pipeline.shards import list_shards
+    from tests.fault_proxy import FaultProxy
+
+    source = f"s3://{s3_bucket}/in"
+    imagegen.write_tar_shards(open_storage(source), source, shards=1, images_per_shard=2)
+
+    def footer_reads(method: str, path: str) -> bool:
+        return method == "GET" and path.split("?")[0].endswith(".parquet")
+
+    with FaultProxy(s3_server.endpoint_url, matches=footer_reads) as proxy:
+        config = RunConfig(
+            source, f"s3://{s3_bucket}/out", "tiny", date="2024-05-01",
+            s3_endpoint_url=proxy.endpoint_url, storage_retry_s=5,
+        )  # fmt: skip
+        storages = RunStorages.open(config)
+        shard = next(list_shards(storages.input, source))
+        meta = {"input_etag": shard.etag, "model_sha256": "sha"}
+        out_uri = storages.output.join(storages.partition_uri, f"{shard.name}.parquet")
+        table = ShardTable(shard.name, ["a"]).to_table(meta)
+        storages.output.put_atomic(out_uri, to_parquet_bytes(table))
+        proxy.script = ["reset_body", "reset_headers", "slowdown"]
+        (planned,) = list(plan_shards(config, "sha", None, storages))
+        assert proxy.counts["reset_body"] == 1 and proxy.counts["slowdown"] == 1
+    assert planned.skip_reason  # done, not "unreadable footer, labeling again"
