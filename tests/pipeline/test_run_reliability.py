@@ -200,3 +200,16 @@ def test_a_reset_while_reading_a_done_footer_is_retried_and_the_shard_skipped(s3
         (planned,) = list(plan_shards(config, "sha", None, storages))
         assert proxy.counts["reset_body"] == 1 and proxy.counts["slowdown"] == 1
     assert planned.skip_reason  # done, not "unreadable footer, labeling again"
+
+
+def test_a_shards_read_deadline_grows_with_its_size():
+    from pipeline.shards import Shard
+    from pipeline.storage import RetryPolicy, StorageOptions
+    from pipeline.workers import WorkerSpec, shard_deadline_s
+
+    policy = RetryPolicy(shard_base_s=10, shard_min_bytes_per_s=1000)
+    spec = WorkerSpec(model="tiny", storage_options=StorageOptions(retry=policy))
+    small = Shard("s3://b/a.tar", "a", "e", 0, "tar")
+    big = Shard("s3://b/b.tar", "b", "e", 50_000, "tar")
+    assert shard_deadline_s(spec, small) == 10 and shard_deadline_s(spec, big) == 60
+    assert shard_deadline_s(WorkerSpec(model="tiny"), big) > 600  # the defaults
