@@ -45,9 +45,13 @@ from models.backends.hardware import (
 
 COMPILE_MIN_GFLOP = 1.0  # below this per image, compiling costs more than it saves
 # The reduced precisions auto measures on CUDA, each from the compute capability whose tensor
-# cores run it natively. fp8 (Ada / Hopper, cc >= 8.9) joins here as ((8, 9), "fp8") once a
-# backend runs it; the torch backend's precision list decides whether it is offered.
-CUDA_CANDIDATES: tuple[tuple[tuple[int, int], str], ...] = (((7, 0), "fp16"), ((8, 0), "bf16"))
+# cores run it natively (fp8: Ada / Hopper and later). A new precision joins here; each
+# backend's own precision list (`runs` in candidates) decides where it is offered.
+CUDA_CANDIDATES: tuple[tuple[tuple[int, int], str], ...] = (
+    ((7, 0), "fp16"),
+    ((8, 0), "bf16"),
+    ((8, 9), "fp8"),
+)
 
 
 @dataclass(frozen=True)

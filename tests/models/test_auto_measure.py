@@ -140,9 +140,13 @@ def test_candidates_are_what_the_hardware_runs_natively():
         "torch fp32",
         "torch fp16",
         "torch bf16",
+        "torch fp8",
         "tensorrt fp16",
         "tensorrt bf16",
+        "tensorrt fp8",
     ]
+    a100 = candidates("cuda:0", ("torch",), XEON_AMX, GpuInfo("A100", (8, 0)), False)
+    assert names(a100) == ["torch fp32", "torch fp16", "torch bf16"]  # fp8 needs cc >= 8.9
     t4 = candidates("cuda:0", ("torch",), XEON_AMX, GpuInfo("T4", (7, 5)), False)
     assert names(t4) == ["torch fp32", "torch fp16"]
     only = candidates("cuda:0", ("torch",), XEON_AMX, h100, False, runs={"torch": ("fp32",)})
