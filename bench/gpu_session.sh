@@ -20,9 +20,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "$DEVICE" = cpu ]; then  # the dry run: every step, on the tiny preset, in seconds
-  MODEL=tiny BATCH=8 SCALE=4 BENCH_SECONDS=0.2 IMAGES=64
+  MODEL=tiny BATCH=8 SCALE=4 BENCH_SECONDS=0.2 IMAGES=64 STAGE_IMAGES=16
 else
-  MODEL=B/16 BATCH=512 SCALE=1 BENCH_SECONDS=3 IMAGES=4096
+  MODEL=B/16 BATCH=512 SCALE=1 BENCH_SECONDS=3 IMAGES=4096 STAGE_IMAGES=512
 fi
 
 step() {  # NAME SECONDS COMMAND...: run COMMAND with a time limit, log to $OUT/NAME.log
@@ -64,4 +64,4 @@ TAIL=8 step gpu-tests $((60 * SCALE)) "$PYTHON" -m pytest -q -p no:cacheprovider
 # cores (BENCHMARKS.md, "GPU data path").
 TAIL=6 step gpu-pipeline $((170 * SCALE)) "$PYTHON" bench/gpu_pipeline.py --device "$DEVICE" \
   --model "$MODEL" --backend torch --precision bf16 --batch-size "$BATCH" --images "$IMAGES" \
-  --cpu-threads 4 --json "$OUT/gpu-pipeline.json"
+  --cpu-threads 4 --stage-images "$STAGE_IMAGES" --json "$OUT/gpu-pipeline.json"

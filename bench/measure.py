@@ -98,6 +98,8 @@ def gemm_rate(
         if static is not None:
             rates.append(_rate(static, m * k * n, seconds, None))
         return max(rates)
+    if kind == "fp8":  # e4m3 as Fp8Linear calls it (CUDA >= 8.9), padded to its alignment
+        return _fp8_rate(m, k, n, seconds, device)
     if kind == "int8":
         x = torch.randint(-127, 127, (m, k), dtype=torch.int8, device=device)
         w = torch.randint(-127, 127, (k, n), dtype=torch.int8, device=device)
@@ -108,6 +110,23 @@ def gemm_rate(
         fn = linear.to(device, dtype).eval()
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
     return _rate(lambda: fn(x), m * k * n, seconds, sync)
+
+
+def _fp8_rate(m: int, k: int, n: int, seconds: float, device: str) -> float:
+    """GFLOP/s of `torch._scaled_mm` on e4m3 operands: rowwise scales, bf16 bias and output."""
+    from models.backends.torch_fp8 import E4M3, padded
+
+    kp, np_ = padded(k), padded(n)  # the zero padding Fp8Linear adds; counted as no work
+    a = torch.randn(m, kp, device=device).to(E4M3)
+    b = torch.randn(np_, kp, device=device).to(E4M3).t()  # column-major, as the op wants
+    scale_a, scale_b = torch.ones(m, 1, device=device), torch.ones(1, np_, device=device)
+    bias = torch.zeros(np_, device=device, dtype=torch.bfloat16)
+
+    def run() -> torch.Tensor:
+        return torch._scaled_mm(a, b, scale_a, scale_b, bias=bias, out_dtype=torch.bfloat16)
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    return _rate(run, m * k * n, seconds, sync)
 
 
 def _rate(run: Callable[[], object], macs: int, seconds: float, sync) -> float:

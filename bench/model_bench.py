@@ -167,6 +167,8 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
 
     if options.gemm:
         kinds = ("fp32", "bf16", "fp16") if on_gpu else ("fp32", "bf16", "int8")
+        if on_gpu and "fp8" in options.precisions and _fp8_runs(device):
+            kinds += ("fp8",)  # the machine's fastest GEMM is the limit, as int8 on the CPU
         log("GEMM peaks ...")
         peaks = gemm_peaks(config, sizes, kinds, 2.0, device)
         report["gemm"] = peaks
@@ -433,3 +435,14 @@ def format_markdown(report: dict) -> str:
     if report.get("notes"):
         lines += ["", *[f"- {note}" for note in report["notes"]]]
     return "\n".join(lines)
+
+
+def _fp8_runs(device: str) -> bool:
+    from models.backends import BackendError
+    from models.backends.torch_fp8 import check_fp8_device
+
+    try:
+        check_fp8_device(device)
+    except BackendError:
+        return False
+    return True

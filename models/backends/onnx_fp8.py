@@ -11,9 +11,12 @@ fp8 (it fuses the pair into the kernel). So the fp32 graph of `onnx_graph.export
   tensor: TensorRT takes Q/DQ scales as build-time constants, so the per-row dynamic scales
   of the torch path are not expressible; each scale is the activation's amax over the
   calibration images (`torch_int8.calibration_images`, real ones where given) / 448.
-The stem and the head stay fp32, like the torch path's bf16 ones. Opset 19 (the first with
-float8 Q/DQ). onnxruntime's CPU provider runs these Q/DQ nodes exactly (a cast to e4m3 and
-back), so the graph's numerics are checked on the CPU (tests/models/test_onnx_fp8.py).
+The stem, the head and everything between the GEMMs stay fp32: that is the graph onnxruntime
+can run and so check here; a bf16 base would halve the bytes of TensorRT's non-GEMM passes,
+but nothing here could run it (no TensorRT, no bf16 GEMM in onnxruntime's CPU provider).
+Opset 19 (the first with float8 Q/DQ). onnxruntime's CPU provider runs these Q/DQ nodes
+exactly (a cast to e4m3 and back), so the graph's numerics are checked on the CPU
+(tests/models/test_onnx_fp8.py).
 """
 
 from __future__ import annotations

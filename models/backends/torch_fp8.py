@@ -6,7 +6,9 @@ The recipe, one GEMM at a time (`Fp8Linear`):
   (`scaling="row"`; `"tensor"`: one scale for the whole matrix, spread over the rows, since
   `torch._scaled_mm` takes either both scales as scalars or both as vectors);
 - the product accumulated in fp32, both scales and the bias applied in the epilogue, the
-  result rounded once to bf16 (`torch._scaled_mm(..., out_dtype=torch.bfloat16)`).
+  result rounded once to bf16 (`torch._scaled_mm(..., out_dtype=torch.bfloat16)`). That
+  epilogue takes scales and a bias, no activation, so the GELU is fused (compiled) into the
+  pass that quantizes the next GEMM's input, which reads the GEMM's output anyway.
 Everything else stays in bf16 as in `FusedMixer`: the stem (its input is the raw image, and it
 is 1% of the FLOPs), every LayerNorm, the residual stream, the GELU, the pooling (fp32) and
 the head.
