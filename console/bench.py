@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -29,9 +30,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per result")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
-    parser.add_argument("--inputs", default=None, help=".npy of normalized images for agreement")
-    parser.add_argument("--agreement-images", type=int, default=64)
-    parser.add_argument("--cache-dir", default=None, help="ONNX / TensorRT cache folder")
+    parser.add_argument(
+        "--inputs",
+        default=None,
+        help=".npy of normalized images for agreement (default: synthetic images)",
+    )
+    parser.add_argument(
+        "--agreement-images",
+        type=int,
+        default=64,
+        help="images each predictor is compared on against the fp32 model (top-1, cosine)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="ONNX / TensorRT cache folder (default: $MIXER_LABEL_CACHE, else"
+        " ~/.cache/mixer-label)",
+    )
     parser.add_argument(
         "--compile",
         choices=("auto", "on", "off", "aot", "jit"),
@@ -62,6 +77,10 @@ def options_from_args(args: argparse.Namespace):
         raise UsageError(f"--batch-sizes must be positive, not {args.batch_sizes!r}")
     if args.seconds <= 0:
         raise UsageError(f"--seconds must be positive, not {args.seconds}")
+    if args.agreement_images < 1:
+        raise UsageError(f"--agreement-images must be at least 1, not {args.agreement_images}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {args.device!r}")
     for backend in split(args.backends):
         if backend not in ("auto", *BACKENDS):
             raise UsageError(f"unknown backend {backend!r} (known: auto, {', '.join(BACKENDS)})")

@@ -12,6 +12,7 @@ from console.errors import PARTLY_FAILED
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from flows.demo import DEMO_DIR
+    from pipeline.train_config import TrainConfig
 
     parser.add_argument(
         "--s3", action="store_true", help="go through an S3 API server on loopback (moto)"
@@ -19,8 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--serve", action="store_true", help="keep the Prefect UI and Ray dashboard up (Ctrl+C)"
     )
-    parser.add_argument("--dir", default=DEMO_DIR, help="where everything goes (default .demo)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 12)")
+    parser.add_argument("--dir", default=DEMO_DIR, help="where everything goes")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"training epochs (default: {TrainConfig().epochs})",
+    )
 
 
 def _interrupt(signum: int, frame: object) -> None:

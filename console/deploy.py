@@ -28,11 +28,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="override a flow parameter (repeatable), e.g. -p input_uri=s3://bucket/images/",
     )
-    parser.add_argument("--cron", help="override the schedule, e.g. '30 1 * * *'")
-    parser.add_argument("--timezone", help="IANA time zone of the cron, e.g. Europe/Berlin")
+    parser.add_argument(
+        "--cron", help="override the schedule, e.g. '30 1 * * *' (default: prefect.yaml's)"
+    )
+    parser.add_argument(
+        "--timezone",
+        help="IANA time zone of the cron, e.g. Europe/Berlin (default: prefect.yaml's)",
+    )
     parser.add_argument("--name", default="nightly", help="deployment in prefect.yaml")
     parser.add_argument("--prefect-file", type=Path, default=PREFECT_YAML, help=argparse.SUPPRESS)
-    parser.add_argument("--limit", type=int, help="when serving: most runs at the same time")
+    parser.add_argument(
+        "--limit", type=int, help="when serving: most runs at the same time (default: no limit)"
+    )
 
 
 def parse_parameter(text: str) -> tuple[str, Any]:

@@ -9,7 +9,7 @@ other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 # Exit codes: 0 done, 1 done but some of the work failed (a failed shard, a failed check),
 # 2 refused with a one-line error, 130 interrupted (the shell's code for SIGINT).
@@ -26,10 +26,11 @@ class UsageError(ValueError):
 EXPECTED: tuple[tuple[str, str], ...] = (
     ("console.errors", "UsageError"),
     ("models.checkpoints", "CheckpointError"),
-    ("pipeline.run", "RunError"),
+    ("pipeline.runspec", "RunError"),
+    ("pipeline.settings", "SettingError"),
     ("pipeline.pool", "PoolError"),
     ("pipeline.storage", "StorageError"),
-    ("pipeline.train", "TrainError"),
+    ("pipeline.train_config", "TrainError"),
     ("flows.deploy", "DeployError"),
     ("flows.demo", "DemoError"),
     ("pipeline.local_servers", "ServerError"),
@@ -60,8 +61,22 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def exit_code(command: str, handler: Callable[[], int | None]) -> int:
-    """Run `handler`; its return value, or the exit code of what it raised (printed on stderr)."""
+def message(err: BaseException, flags: Mapping[str, str] | None = None) -> str:
+    """The one line to print for `err`; a setting is named by its flag (`--batch-size`)."""
+    settings = sys.modules.get("pipeline.settings")
+    if settings is not None and isinstance(err, settings.SettingError) and not err.names_itself:
+        flag = (flags or {}).get(err.name, "--" + err.name.replace("_", "-"))
+        return one_line(f"{flag} {err.problem}" if flag else err.problem)
+    return one_line(str(err))
+
+
+def exit_code(
+    command: str, handler: Callable[[], int | None], flags: Mapping[str, str] | None = None
+) -> int:
+    """Run `handler`; its return value, or the exit code of what it raised (printed on stderr).
+
+    `flags`: the command's flag for a setting whose flag is not --name-with-dashes.
+    """
     try:
         return int(handler() or OK)
     except BrokenPipeError:  # `mixer-label ... | head` closed the pipe: not an error
@@ -73,5 +88,5 @@ def exit_code(command: str, handler: Callable[[], int | None]) -> int:
     except Exception as err:
         if not is_expected(err, command):
             raise
-        print(f"mixer-label {command}: error: {one_line(err)}", file=sys.stderr)
+        print(f"mixer-label {command}: error: {message(err, flags)}", file=sys.stderr)
         return ERROR

@@ -51,18 +51,43 @@ def build_parser(commands: Sequence[tuple[str, str, str]] = COMMANDS) -> argpars
         help="also show Ray's start-up notices, the workers' output and INFO logs",
     )
     for name, module_name, help_text in commands:
-        command = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        command = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            parents=[common],
+            formatter_class=HelpFormatter,
+        )
         module = importlib.import_module(module_name)
         module.add_arguments(command)
-        command.set_defaults(handler=module.main)
+        # SETTING_FLAGS: how the library's setting names read as this command's flags, where
+        # not simply --name-with-dashes (console.errors names a wrong setting by its flag).
+        command.set_defaults(
+            handler=module.main, setting_flags=getattr(module, "SETTING_FLAGS", {})
+        )
     return parser
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, where there is one worth saying.
+
+    Not for flags that are off (False) or unset (None, empty), nor where the help says it.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default == argparse.SUPPRESS
+        if unset or default in ("", []) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return exit_code(args.command, lambda: args.handler(args))
+    return exit_code(args.command, lambda: args.handler(args), args.setting_flags)
 
 
 if __name__ == "__main__":

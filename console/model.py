@@ -5,15 +5,27 @@ from __future__ import annotations
 import argparse
 import json
 
+# The model is the positional argument: a wrong one is named by its value alone.
+SETTING_FLAGS = {"model": ""}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    info = actions.add_parser("info", help="config, parameters, GMACs, sha256, preprocessing")
+    info = actions.add_parser(
+        "info",
+        help="config, parameters, GMACs, sha256, preprocessing",
+        description="config, parameters, GMACs, sha256, preprocessing and labels of a model",
+        formatter_class=parser.formatter_class,
+    )
     info.add_argument("model", help="checkpoint file (.npz, .pth, .safetensors) or preset (B/16)")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
 def main(args: argparse.Namespace) -> int:
+    from pipeline.preflight import check_model_spec
+
+    check_model_spec(args.model)  # no such file / no such preset, named before torch loads
+
     from models.checkpoints import resolve_model
     from models.summary import describe, format_description
 

@@ -6,7 +6,10 @@ import argparse
 import json
 import os
 
-from console.errors import PARTLY_FAILED, UsageError
+from console.errors import PARTLY_FAILED
+
+# The run's settings that are not --flags here (console.errors names settings by flag).
+SETTING_FLAGS = {"input_uri": "INPUT", "output_uri": "OUTPUT"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,15 +54,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--date", help="output partition date YYYY-MM-DD (default: today, UTC)")
     parser.add_argument("--force", action="store_true", help="relabel shards already done")
-    parser.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2)")
+    parser.add_argument(
+        "--s3-endpoint-url",
+        help="S3-compatible endpoint (MinIO, Ceph, R2) (default: the AWS chain:"
+        " $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS itself)",
+    )
     parser.add_argument(
         "--images-per-shard", type=int, default=1000, help="plain image prefixes: images/shard"
     )
-    parser.add_argument("--image-column", help="Parquet shards: the image-bytes column")
+    parser.add_argument(
+        "--image-column",
+        help="Parquet shards: the image-bytes column (default: the first of the usual names)",
+    )
     parser.add_argument("--topk", type=int, default=5, help="top-k labels and scores per image")
     parser.add_argument("--embeddings", action="store_true", help="write pre-head features")
     parser.add_argument("--max-attempts", type=int, default=3, help="tries per shard")
-    parser.add_argument("--decode-threads", type=int, help="decode threads per actor")
+    parser.add_argument(
+        "--decode-threads", type=int, help="decode threads per actor (default: from its CPUs)"
+    )
     parser.add_argument(
         "--decode",
         choices=("auto", "cpu", "device"),
@@ -88,44 +100,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    """The RunConfig the flags describe; a bad value is a one-line UsageError."""
-    from pipeline.run import RunConfig
+    """The RunConfig the flags describe; a bad value is a SettingError naming its field."""
+    from pipeline.runspec import RunConfig
 
-    try:
-        return RunConfig(
-            input_uri=args.input,
-            output_uri=args.output,
-            model=args.model,
-            backend=args.backend,
-            precision=args.precision,
-            batch_size=args.batch_size,
-            ray_address=args.ray_address,
-            actors=args.actors,
-            min_actors=args.min_actors,
-            max_actors=args.max_actors,
-            actor_device=args.actor_device,
-            date=args.date,
-            force=args.force,
-            s3_endpoint_url=args.s3_endpoint_url,
-            images_per_shard=args.images_per_shard,
-            image_column=args.image_column,
-            topk=args.topk,
-            embeddings=args.embeddings,
-            max_attempts=args.max_attempts,
-            decode_threads=args.decode_threads,
-            decode=args.decode,
-            compile_cache=args.compile_cache,
-            storage_retry_s=args.storage_retry_s,
-        )
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    return RunConfig(
+        input_uri=args.input,
+        output_uri=args.output,
+        model=args.model,
+        backend=args.backend,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        ray_address=args.ray_address,
+        actors=args.actors,
+        min_actors=args.min_actors,
+        max_actors=args.max_actors,
+        actor_device=args.actor_device,
+        date=args.date,
+        force=args.force,
+        s3_endpoint_url=args.s3_endpoint_url,
+        images_per_shard=args.images_per_shard,
+        image_column=args.image_column,
+        topk=args.topk,
+        embeddings=args.embeddings,
+        max_attempts=args.max_attempts,
+        decode_threads=args.decode_threads,
+        decode=args.decode,
+        compile_cache=args.compile_cache,
+        storage_retry_s=args.storage_retry_s,
+    )
 
 
 def main(args: argparse.Namespace) -> int:
+    from pipeline.preflight import check_before_start
+
+    config = config_from_args(args)
+    # Before the heavier imports: a wrong setting, model, URI or endpoint fails in a moment.
+    # (run_labeling checks again, for its other callers; the second look is cheap.)
+    check_before_start(config)
+
     from console.progress import ProgressBar
     from pipeline.run import run_labeling
 
-    config = config_from_args(args)
     progress = ProgressBar(enabled=not args.no_progress)
     # A RunError, PoolError or StorageError (the listing or the summary write broke mid-run)
     # becomes one line in console.errors. Finished shards are complete files; running the

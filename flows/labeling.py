@@ -71,8 +71,10 @@ def _worth_retrying(task, task_run, state) -> bool:
 )
 def shard_plan(config: Any) -> ShardPlan:
     """Check model, input and output, then list every shard and mark the ones already done."""
+    from pipeline.preflight import check_before_start
     from pipeline.run import RunStorages, identify_model, plan_shards, preflight
 
+    check_before_start(config)
     model = identify_model(config)
     storages = RunStorages.open(config)
     partition, shards = preflight(config, storages)

@@ -25,7 +25,7 @@ from pipeline.elastic import Elastic, RequestHook, ray_request_resources
 from pipeline.pool import Feed, ShardPool, Work, plan_actors
 from pipeline.progress import ProgressCallback, ProgressTracker
 from pipeline.ray_quiet import init_options, quiet_ray
-from pipeline.runspec import RunConfig, RunSummary, ShardResult
+from pipeline.runspec import RunConfig, RunError, RunSummary, ShardResult
 from pipeline.workers import WorkerSpec
 from pipeline.writer import read_file_metadata
 
@@ -45,10 +45,6 @@ log = logging.getLogger(__name__)
 
 SUCCESS_FILE = "_SUCCESS.json"
 FAILED_FILE = "_FAILED.json"  # the summary of a run with failed shards (no _SUCCESS.json)
-
-
-class RunError(Exception):
-    """A run that cannot start; the message names the model, URI or setting that is wrong."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +82,10 @@ def identify_model(config: RunConfig) -> ModelIdentity:
     try:
         identity = model_identity(local_model(spec, _storage_options(config)))
     except (CheckpointError, StorageError, OSError) as err:
-        raise RunError(f"model {config.model}: {err}") from None
+        message = str(err)
+        # Most of these messages begin with the file or URI already: name it once.
+        named = config.model in message or spec in message
+        raise RunError(message if named else f"model {config.model}: {message}") from None
     return ModelIdentity(spec, identity.name, identity.sha256)
 
 
@@ -285,7 +284,10 @@ def run_labeling(
 
     `verbose` lets Ray's start-up notices and the workers' output through (see ray_quiet).
     """
+    from pipeline.preflight import check_before_start
+
     started = time.monotonic()
+    check_before_start(config)  # names, model spec, URIs, the S3 endpoint: nothing started yet
     model = identify_model(config)
     storages = RunStorages.open(config)
     partition, first_shards = preflight(config, storages)

@@ -12,8 +12,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.settings import SettingError, check_at_least, check_one_of
+
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 FAILED_FILES_LISTED = 20  # failed images a summary names (the Parquet error rows hold all)
+
+
+class RunError(Exception):
+    """A run that cannot start; the message names the model, URI or setting that is wrong."""
 
 
 @dataclass(frozen=True)
@@ -61,40 +67,39 @@ class RunConfig:
     storage_retry_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, not {self.batch_size}")
-        if self.actors is not None and self.actors < 1:
-            raise ValueError(f"actors must be at least 1, not {self.actors}")
+        # Names and numbers are checked here, on construction, with nothing heavy imported:
+        # a wrong value fails before Ray, torch or any storage is touched.
+        from models.names import BACKENDS, PRECISIONS
+
+        check_one_of("backend", self.backend, ("auto", *BACKENDS))
+        check_one_of("precision", self.precision, ("auto", *PRECISIONS))
+        check_one_of("decode", self.decode, ("auto", "cpu", "device"))
+        check_one_of("actor_device", self.actor_device, ("auto", "cpu", "gpu"))
+        check_at_least("batch_size", self.batch_size, 1)
+        check_at_least("actors", self.actors, 1, optional=True)
         if self.actors is not None and (self.min_actors, self.max_actors) != (None, None):
-            raise ValueError(
-                "actors is a fixed pool size; min_actors/max_actors bound an elastic one: "
-                "give one or the other"
+            raise SettingError(
+                "actors",
+                "is a fixed pool size; min_actors/max_actors bound an elastic one: "
+                "give one or the other",
             )
-        if self.actor_device not in ("auto", "cpu", "gpu"):
-            raise ValueError(f"actor_device must be auto, cpu or gpu, not {self.actor_device!r}")
-        if self.min_actors is not None and self.min_actors < 0:
-            raise ValueError(f"min_actors must be at least 0, not {self.min_actors}")
-        if self.max_actors is not None and self.max_actors < max(1, self.min_actors or 0):
-            raise ValueError(
-                f"max_actors must be at least 1 and at least min_actors, not {self.max_actors}"
-            )
-        if self.topk < 1:
-            raise ValueError(f"topk must be at least 1, not {self.topk}")
-        if self.images_per_shard < 1:
-            raise ValueError(f"images_per_shard must be at least 1, not {self.images_per_shard}")
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, not {self.max_attempts}")
-        if self.decode not in ("auto", "cpu", "device"):
-            raise ValueError(f"decode must be one of auto, cpu, device, not {self.decode!r}")
+        check_at_least("min_actors", self.min_actors, 0, optional=True)
+        check_at_least("max_actors", self.max_actors, max(1, self.min_actors or 0), optional=True)
+        check_at_least("topk", self.topk, 1)
+        check_at_least("images_per_shard", self.images_per_shard, 1)
+        check_at_least("max_attempts", self.max_attempts, 1)
+        check_at_least("decode_threads", self.decode_threads, 1, optional=True)
+        if not self.model or not str(self.model).strip():
+            raise SettingError("model", "is empty (a checkpoint file, an s3:// URI or a preset)")
         if self.decode == "device":
             # Before any work: without torchvision every actor would fail at start.
             from pipeline.device_decode import torchvision_problem
 
             problem = torchvision_problem()
             if problem:
-                raise ValueError(problem)
+                raise SettingError("decode", problem.removeprefix("decode="))
         if self.storage_retry_s <= 0:
-            raise ValueError(f"storage_retry_s must be positive, not {self.storage_retry_s}")
+            raise SettingError("storage_retry_s", f"must be positive, not {self.storage_retry_s}")
         self._check_uris()
         if self.date is None:  # resolved once: the clock is read here and never again
             today = dt.datetime.now(dt.timezone.utc).date().isoformat()
@@ -117,18 +122,18 @@ class RunConfig:
             try:
                 check_uri(uri, what)
             except StorageError as err:
-                raise ValueError(str(err)) from None
+                raise SettingError(what, str(err), names_itself=True) from None
 
     def partition_date(self) -> str:
         """The `date=` partition as YYYY-MM-DD (fixed when the config was made)."""
         if isinstance(self.date, dt.date):
             return self.date.isoformat()
         if not _DATE.match(self.date):
-            raise ValueError(f"date must look like YYYY-MM-DD, not {self.date!r}")
+            raise SettingError("date", f"must look like YYYY-MM-DD, not {self.date!r}")
         try:
             dt.date.fromisoformat(self.date)  # rejects 2024-02-31
         except ValueError as err:
-            raise ValueError(f"date {self.date!r} is not a calendar date: {err}") from None
+            raise SettingError("date", f"{self.date!r} is not a calendar date: {err}") from None
         return self.date
 
     def replace(self, **changes: Any) -> RunConfig:

@@ -14,7 +14,6 @@ DIR/eval.json (test accuracy and one prediction or error per test image) and DIR
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 from models.mixer import MlpMixer, preset_config
 from models.preprocessing import Preprocessing
+from pipeline.train_config import TrainConfig, TrainError
 
 MODEL_FILE = "model.safetensors"
 EVAL_FILE = "eval.json"
@@ -39,44 +39,12 @@ EVAL_BACKEND = "torch"
 EVAL_BATCH = 64
 # Sources whose change can change the trained weights or the offline evaluation: all of
 # models/ (network, checkpoints, the predictor the evaluation runs) and these.
-_CODE_FILES = ("pipeline/preprocess.py", "pipeline/shards.py", "pipeline/train.py")
-
-
-class TrainError(ValueError):
-    """The data or the settings cannot train a model; the message names what and where."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train; the defaults reach ~99% on the digits demo in about a dozen epochs."""
-
-    preset: str = "demo"
-    epochs: int = 12
-    batch_size: int = 64
-    learning_rate: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_epochs: int = 1
-    label_smoothing: float = 0.1
-    # Random translation by up to this many pixels: a small data set needs it (without it the
-    # Mixer memorizes the 1,437 training digits and loses about a point on the test split).
-    max_shift: int = 2
-    seed: int = 0
-    # The digits fill their frame; the published 0.875 crop would cut strokes at the edges.
-    crop_fraction: float = 1.0
-    interpolation: str = "bilinear"
-    name: str = ""  # the checkpoint's model name; empty: mixer-<preset>-trained
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise TrainError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise TrainError(f"learning_rate must be positive, not {self.learning_rate}")
-        if self.max_shift < 0:
-            raise TrainError(f"max_shift must be 0 or more, not {self.max_shift}")
-
-    def to_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+_CODE_FILES = (
+    "pipeline/preprocess.py",
+    "pipeline/shards.py",
+    "pipeline/train.py",
+    "pipeline/train_config.py",
+)
 
 
 @dataclass

@@ -27,8 +27,8 @@ from models.backends.factory import OPTIONS, check_options, make_predictor
 from models.backends.hardware import cpu_info, gpu_info, runtimes
 from models.backends.torch_helpers import configure_threads
 from models.mixer import MlpMixer
+from models.names import BACKENDS
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 log = logging.getLogger(__name__)
 
 __all__ = [

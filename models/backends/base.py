@@ -13,9 +13,10 @@ import torch
 
 from models.backends.auto import Choice
 from models.mixer import MixerConfig, MlpMixer
+from models.names import PRECISIONS
 from models.preprocessing import Preprocessing
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "fp8")
+__all__ = ["PRECISIONS", "BackendError", "Predictor"]
 
 
 class BackendError(RuntimeError):
