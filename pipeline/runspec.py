@@ -74,7 +74,10 @@ class RunConfig:
         check_one_of("backend", self.backend, ("auto", *BACKENDS))
         check_one_of("precision", self.precision, ("auto", *PRECISIONS))
         check_one_of("decode", self.decode, ("auto", "cpu", "device"))
-        check_one_of("actor_device", self.actor_device, ("auto", "cpu", "gpu"))
+        if self.actor_device not in ("auto", "cpu", "gpu"):
+            raise SettingError(
+                "actor_device", f"must be auto, cpu or gpu, not {self.actor_device!r}"
+            )
         check_at_least("batch_size", self.batch_size, 1)
         check_at_least("actors", self.actors, 1, optional=True)
         if self.actors is not None and (self.min_actors, self.max_actors) != (None, None):
@@ -84,7 +87,10 @@ class RunConfig:
                 "give one or the other",
             )
         check_at_least("min_actors", self.min_actors, 0, optional=True)
-        check_at_least("max_actors", self.max_actors, max(1, self.min_actors or 0), optional=True)
+        if self.max_actors is not None and self.max_actors < max(1, self.min_actors or 0):
+            raise SettingError(
+                "max_actors", f"must be at least 1 and at least min_actors, not {self.max_actors}"
+            )
         check_at_least("topk", self.topk, 1)
         check_at_least("images_per_shard", self.images_per_shard, 1)
         check_at_least("max_attempts", self.max_attempts, 1)
