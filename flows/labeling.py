@@ -114,9 +114,10 @@ def drift_report(config: Any, date: str) -> DriftReport | None:
     import dataclasses
 
     from flows.partitions import previous_in, recent_partition_stats
-    from pipeline.storage import StorageOptions, open_storage
+    from pipeline.run import RunStorages
 
-    storage = open_storage(config.output_uri, StorageOptions(endpoint_url=config.s3_endpoint_url))
+    # The run's storage settings (endpoint, retry budget), not a second set of defaults.
+    storage = RunStorages.open(config).output
     history = recent_partition_stats(storage, config.output_uri, date)
     if not history or history[0].date != date:
         return None
