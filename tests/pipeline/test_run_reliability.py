@@ -172,7 +172,7 @@ def test_a_wrong_endpoint_fails_the_run_preflight_in_seconds(tmp_path, monkeypat
     start = time.monotonic()
     with pytest.raises(RunError, match=f"cannot reach the S3 endpoint http://127.0.0.1:{port}"):
         preflight(config)
-    assert time.monotonic() - start < 15  # not the 60 s retry budget
+    assert time.monotonic() - start < 30  # not the 60 s retry budget
 
 
 def test_a_reset_while_reading_a_done_footer_is_retried_and_the_shard_skipped(s3_server, s3_bucket):
