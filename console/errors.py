@@ -16,6 +16,9 @@ from collections.abc import Callable, Mapping
 OK, PARTLY_FAILED, ERROR, INTERRUPTED = 0, 1, 2, 130
 
 
+MESSAGE_LIMIT = 2000  # characters: a preset list fits, a runaway message does not flood
+
+
 class UsageError(ValueError):
     """A flag or argument value the console itself refuses; the message names the flag."""
 
@@ -56,18 +59,15 @@ def is_expected(err: BaseException, command: str = "") -> bool:
     return False
 
 
-def one_line(text: str) -> str:
-    """The message on one line: a library message may carry a newline from a wrapped cause."""
-    return " ".join(str(text).split())
-
-
 def message(err: BaseException, flags: Mapping[str, str] | None = None) -> str:
     """The one line to print for `err`; a setting is named by its flag (`--batch-size`)."""
+    from pipeline.storage.errors import one_line  # the project's one whitespace folder
+
     settings = sys.modules.get("pipeline.settings")
     if settings is not None and isinstance(err, settings.SettingError) and not err.names_itself:
         flag = (flags or {}).get(err.name, "--" + err.name.replace("_", "-"))
-        return one_line(f"{flag} {err.problem}" if flag else err.problem)
-    return one_line(str(err))
+        return one_line(f"{flag} {err.problem}" if flag else err.problem, MESSAGE_LIMIT)
+    return one_line(str(err), MESSAGE_LIMIT)
 
 
 def exit_code(

@@ -53,3 +53,27 @@ def test_return_values_and_interrupts():
     assert exit_code("run", lambda: None) == 0
     assert exit_code("run", lambda: 1) == 1
     assert exit_code("demo", _raise(KeyboardInterrupt())) == INTERRUPTED
+
+
+def test_a_setting_is_named_by_the_commands_flag(capsys):
+    from pipeline.settings import SettingError
+
+    cases = [
+        (SettingError("batch_size", "must be at least 1, not 0"), {}, "--batch-size must be"),
+        (
+            SettingError("learning_rate", "must be positive, not 0.0"),
+            {"learning_rate": "--lr"},
+            "--lr must",
+        ),
+        (SettingError("model", "B/61: no such file"), {"model": ""}, "B/61: no such file"),
+        (
+            SettingError(
+                "output", "output URI s3://***@b/out carries a credential", names_itself=True
+            ),
+            {},
+            "output URI s3://***@b/out carries a credential",
+        ),
+    ]
+    for err, flags, expected in cases:
+        assert exit_code("run", _raise(err), flags) == ERROR
+        assert capsys.readouterr().err.startswith(f"mixer-label run: error: {expected}")
