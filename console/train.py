@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from pipeline.preflight import check_source
     from pipeline.storage import StorageOptions
     from pipeline.train_config import TrainConfig
 
@@ -63,6 +64,7 @@ def main(args: argparse.Namespace) -> int:
         name=args.name,
     )
     options = StorageOptions(endpoint_url=args.s3_endpoint_url)
+    check_source(args.data, options)  # no such folder, or an S3 endpoint that does not answer
 
     from pipeline.train import EVAL_FILE, train
 

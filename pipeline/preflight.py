@@ -88,6 +88,24 @@ def check_uris(config: RunConfig) -> None:
         raise RunError(f"{config.output_uri}: a file, not a folder for the output")
 
 
+def check_source(uri: str, options=None) -> None:
+    """RunError unless `uri` can be read from: a known scheme and bucket, a local path that
+    exists, an S3 endpoint that answers (for `mixer-label train DATA`)."""
+    from pipeline.storage import StorageError, StorageOptions, open_storage, split_s3_uri
+
+    try:
+        open_storage(uri)
+        if uri.startswith("s3://"):
+            split_s3_uri(uri)
+    except StorageError as err:
+        raise RunError(str(err)) from None
+    local = _local_path(uri)
+    if local is not None and not local.exists():
+        raise RunError(f"{uri}: no such file or folder")
+    if uri.startswith("s3://"):
+        check_s3_endpoint(options or StorageOptions())
+
+
 def _local_path(uri: str) -> Path | None:
     if uri.startswith("file://"):
         return Path(uri[len("file://") :])

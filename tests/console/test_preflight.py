@@ -181,3 +181,16 @@ def test_train_names_its_flags(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"mixer-label train: error: {expected}")
     assert not out.exists()
+
+
+def test_train_names_a_missing_data_folder_and_a_refused_endpoint(tmp_path, capsys):
+    missing = tmp_path / "no-such-data"
+    assert cli_main(["train", str(missing), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mixer-label train: error: {missing}: no such file or folder"
+    )
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    argv = ["train", "s3://bucket/data", "--out", str(tmp_path / "out")]
+    assert cli_main([*argv, "--s3-endpoint-url", endpoint]) == 2
+    assert f"S3 endpoint {endpoint}: connection refused" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
