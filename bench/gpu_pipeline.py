@@ -135,13 +135,11 @@ def stage_costs(jpegs: list[bytes], device: str, batch_size: int, repeat: int = 
     import torch
 
     from models.preprocessing import Preprocessing
-    from pipeline.device_decode import DeviceBatcher, prepare, torchvision_problem
-    from pipeline.preprocess import ImageLimits, decode_record
+    from pipeline.preprocess import ImageLimits
     from pipeline.shards import Record
 
     recipe, limits = Preprocessing(), ImageLimits()
     records = [Record(f"k{i}", data) for i, data in enumerate(jpegs)]
-    cuda = device.startswith("cuda")
 
     def best(name: str, fn) -> None:
         # thread_time: this thread's CPU seconds, what a core spends (and immune to other
@@ -156,6 +154,22 @@ def stage_costs(jpegs: list[bytes], device: str, batch_size: int, repeat: int = 
         out[f"{name}_cpu_s"] = min(cpus) / len(records)
 
     out: dict[str, Any] = {"images": len(records)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core each, like for like with Pillow (torch's CPU ops)
+    try:
+        _stages(out, best, records, recipe, limits, device, batch_size)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _stages(out, best, records, recipe, limits, device: str, batch_size: int) -> None:
+    import torch
+
+    from pipeline.device_decode import DeviceBatcher, prepare, torchvision_problem
+    from pipeline.preprocess import decode_record
+
+    cuda = device.startswith("cuda")
     best("header_check", lambda: [prepare(r, recipe, limits, cuda) for r in records])
     best("pillow", lambda: [decode_record(r, recipe, limits) for r in records])
     if torchvision_problem() is None:
@@ -171,7 +185,6 @@ def stage_costs(jpegs: list[bytes], device: str, batch_size: int, repeat: int = 
 
         build_all()  # warm-up: nvJPEG state, kernels
         best("device_decode", build_all)
-    return out
 
 
 def machine() -> dict[str, Any]:

@@ -147,6 +147,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         t = time.perf_counter()
         with quiet_ray():  # no token-auth banner in the middle of the benchmark's output
             ray.init(
+                # Its own Ray: without an address ray.init joins any local cluster already
+                # running (a test's, another benchmark's), whose load and resources are not
+                # this run's.
+                address="local",
                 num_cpus=args.cpus,
                 include_dashboard=False,
                 configure_logging=False,
