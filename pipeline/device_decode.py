@@ -226,7 +226,11 @@ def _exif(image) -> int:
 
 @dataclass
 class DeviceBatch:
-    """One window of records in input order, and the batch of its images on the device."""
+    """One window of records in input order, and the batch of its images on the device.
+
+    items also keeps the encoded (pinned) bytes alive until the caller is done with the batch:
+    nvJPEG reads them asynchronously, outside torch's pinned-memory bookkeeping.
+    """
 
     items: list[Prepared]
     errors: list[str | None]
@@ -261,6 +265,8 @@ class DeviceBatcher:
         self._scale = (1.0 / (255.0 * std)).view(3, 1, 1).to(self.device)
         self._offset = (-mean / std).view(3, 1, 1).to(self.device)
         self._mode = _TORCH_MODES[preprocessing.interpolation]
+        if self.cuda:  # the copies above ran on the current stream; the decode stream reads them
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
         # torch resizes uint8 images on the CPU with Pillow's fixed-point kernels (about 5x
         # faster than in float32 there, BENCHMARKS.md); CUDA's antialiased kernels take floats.
         self.resize_dtype = resize_dtype or (torch.uint8 if not self.cuda else torch.float32)
@@ -282,6 +288,12 @@ class DeviceBatcher:
         """Decode, orient, resize, crop and normalize one window's images on the device."""
         import torch
 
+        if self.cuda:
+            # decode_jpeg's outputs are allocated on this stream but written on torchvision's
+            # own: a block freed by the last batch's resize must not be handed to this batch's
+            # decoder while that resize is still queued. Waiting here costs no overlap with the
+            # model, which runs on another stream.
+            self.stream.synchronize()
         context = torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
         with context, torch.no_grad():
             fallbacks: dict[str, int] = {}
