@@ -6,7 +6,6 @@ under its final name only when complete, so a crash mid-download never leaves a 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 from pathlib import Path
@@ -23,6 +22,7 @@ def local_model(spec: str, storage_options=None) -> str:
     """A local path (or preset name) for `spec`; s3:// checkpoints are fetched once per node."""
     if not spec.startswith("s3://"):
         return spec
+    from models.backends.cache import file_lock
     from pipeline.storage import StorageError, open_storage
 
     storage = open_storage(spec, storage_options)
@@ -34,9 +34,7 @@ def local_model(spec: str, storage_options=None) -> str:
     target = cache_dir() / digest / spec.rstrip("/").rsplit("/", 1)[-1]
     if target.is_file():
         return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the other actors of this node wait here
+    with file_lock(target):  # the other actors of this node wait here
         if not target.is_file():
             partial = target.with_name(target.name + f".part-{os.getpid()}")
             with storage.open(spec) as source, open(partial, "wb") as sink:

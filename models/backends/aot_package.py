@@ -26,7 +26,6 @@ process that compiles) and aot_runtime.py (the loaded package, its weights held 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 import json
@@ -42,7 +41,7 @@ import torch
 from models.backends.aot_build import KEY_METADATA, build_in_child
 from models.backends.aot_runtime import AotModel, extract_library
 from models.backends.base import BackendError
-from models.backends.cache import CacheStore, LocalCacheStore
+from models.backends.cache import CacheStore, LocalCacheStore, file_lock
 from models.backends.hardware import cpu_info
 from models.backends.torch_fused import FusedMixer
 from models.backends.torch_helpers import DTYPES
@@ -171,7 +170,7 @@ def load_or_build(
     if found is not None:
         return found
     # Actors starting together on one node build once: the others wait, then load it.
-    with _build_lock(path):
+    with file_lock(path):
         found = _from_caches(request, key, local, None, start)
         if found is not None:
             return found
@@ -210,20 +209,6 @@ def _from_caches(request: PackageRequest, key: str, local: LocalCacheStore, cach
         log.info("AOT package from the %s cache: %s", source, key)
         return loaded, info
     return None
-
-
-@contextlib.contextmanager
-def _build_lock(path: Path):
-    """An exclusive lock on `path`'s build, shared by every process on this machine."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _build(request: PackageRequest, key: str, path: Path, start: float):

@@ -22,7 +22,6 @@ precision never measures.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 
 from models.backends.auto import Choice
 from models.backends.base import BackendError, Predictor
-from models.backends.cache import CacheStore, LocalCacheStore
+from models.backends.cache import CacheStore, LocalCacheStore, file_lock
 from models.backends.calibration import calibration_images
 from models.backends.hardware import CpuInfo, GpuInfo, Runtimes
 from models.mixer import MlpMixer
@@ -233,7 +232,7 @@ def decide(
     if found is None:
         # Actors starting together on one machine measure once: the others wait, then read
         # it (side by side they would also disturb each other's timings).
-        with _decision_lock(local.path(key)):
+        with file_lock(local.path(key)):
             found = cached_decision(key, local, None)
             if found is None:
                 return _measure_all(candidates, facts, key, local, store, measure, calibration)
@@ -242,20 +241,6 @@ def decide(
         "auto: %s %s from the %s cache (%s)", found.backend, found.precision, found.source, key
     )
     return found, None
-
-
-@contextlib.contextmanager
-def _decision_lock(path: Path):
-    """An exclusive lock on measuring `path`'s decision, shared by every process here."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _measure_all(candidates, facts, key, local, store, measure, calibration):

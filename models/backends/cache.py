@@ -7,8 +7,10 @@ pipeline/ adapts its Storage to that protocol.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -56,3 +58,21 @@ class LocalCacheStore:
 
     def __repr__(self) -> str:
         return f"LocalCacheStore({str(self.root)!r})"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock named after `path` (`path.lock`), shared by every process here.
+
+    The processes of one machine (actors of a node) wait here while the first builds, measures
+    or downloads what `path` will hold, then find it done.
+    """
+    import fcntl  # POSIX only; imported here so the module itself imports anywhere
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
