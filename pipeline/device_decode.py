@@ -48,6 +48,7 @@ from pipeline.preprocess import (
     resize_size,
 )
 from pipeline.shards import Record
+from pipeline.storage import one_line
 
 DECODE_MODES = ("auto", "cpu", "device")
 GPU_EXTRA = "pip install 'mixer-label[gpu]'"
@@ -72,7 +73,7 @@ def torchvision_problem() -> str | None:
     try:
         from torchvision.io import decode_jpeg  # noqa: F401
     except Exception as err:  # ImportError, or a torchvision built for another torch
-        reason = " ".join(str(err).split())[:160] or type(err).__name__
+        reason = one_line(err, 160)
         return f"decode=device needs torchvision ({reason}); install the gpu extra: {GPU_EXTRA}"
     return None
 
@@ -118,7 +119,7 @@ def cuda_decode_problem(device: str) -> str | None:
     try:
         decode_jpeg([data], mode=ImageReadMode.RGB, device=torch.device(device))
     except Exception as err:
-        reason = " ".join(str(err).split())[:160] or type(err).__name__
+        reason = one_line(err, 160)
         return f"decode=device: torchvision cannot decode JPEGs on {device} ({reason})"
     return None
 

@@ -27,6 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from models.preprocessing import Preprocessing
 from pipeline.background import background_map
 from pipeline.shards import DEFAULT_MAX_BYTES, Record, too_large
+from pipeline.storage import one_line
 
 # Pillow warns (and does not stop) between MAX_IMAGE_PIXELS and twice that; make the warning an
 # exception so no half-checked image is ever decoded. Process-wide on purpose: training and
@@ -192,12 +193,8 @@ def to_array(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
 # --------------------------------------------------------------------------- errors
 
 
-def _one_line(err: object) -> str:
-    return " ".join(str(err).split())[:200] or type(err).__name__
-
-
 def _corrupt(err: Exception, fmt: str) -> ImageError:
-    message = _one_line(err)
+    message = one_line(err, 200)
     if "truncated" in message.lower() or isinstance(err, EOFError):
         return ImageError(f"corrupt image: truncated {fmt}")
     return ImageError(f"corrupt image: {fmt}: {message}")
@@ -322,4 +319,4 @@ def decode_record(
     except ImageError as err:
         return record, None, str(err)
     except Exception as err:  # a decoder bug must cost one row, not the shard
-        return record, None, f"decode failed: {type(err).__name__}: {_one_line(err)}"
+        return record, None, f"decode failed: {type(err).__name__}: {one_line(err, 200)}"

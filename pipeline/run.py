@@ -26,6 +26,7 @@ from pipeline.pool import Feed, ShardPool, Work, plan_actors
 from pipeline.progress import ProgressCallback, ProgressTracker
 from pipeline.ray_quiet import init_options, quiet_ray
 from pipeline.runspec import RunConfig, RunError, RunSummary, ShardResult
+from pipeline.storage import one_line
 from pipeline.workers import WorkerSpec
 from pipeline.writer import read_file_metadata
 
@@ -379,7 +380,7 @@ def ray_session(address: str | None, verbose: bool = False) -> Iterator[None]:
             _init_ray(ray, address, kwargs)
     except Exception as err:  # ConnectionError, TimeoutError, RuntimeError, ...
         where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise RunError(f"cannot start or join {where}: {_one_line(err)}") from None
+        raise RunError(f"cannot start or join {where}: {one_line(err)}") from None
     try:
         yield
     finally:
@@ -415,7 +416,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
             return
     except OSError as err:
-        raise RunError(f"cannot reach the Ray cluster at {address}: {_one_line(err)}") from None
+        raise RunError(f"cannot reach the Ray cluster at {address}: {one_line(err)}") from None
 
 
 def new_run_id() -> str:
@@ -445,11 +446,6 @@ def code_version() -> str:
             if sha:
                 text += f"+g{sha}"
     return text
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text[:300]
 
 
 def _storage_options(config: RunConfig):

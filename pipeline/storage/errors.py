@@ -17,6 +17,8 @@ class StorageUnavailable(StorageError):
 
 
 def one_line(text: object, limit: int = 300) -> str:
-    """Collapse whitespace so an error message stays on one line."""
+    """Collapse whitespace so an error message stays on one line (an empty error: its type)."""
     flat = " ".join(str(text).split())
+    if not flat and isinstance(text, BaseException):
+        flat = type(text).__name__
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
