@@ -11,7 +11,8 @@ plain functions of `ray.nodes()` and the queue, so they are tested without a clu
 - Loss: an actor whose node is gone is dropped (pinned, it cannot restart elsewhere); its
   shards are labeled again by the others, and a node that joins in its place gets a new one.
 - Shrinking: once the listing is over and no shard waits, an idle actor beyond `min_actors`
-  is stopped, so its node goes idle and the autoscaler can take it back before the run ends.
+  is stopped (one still starting before one that is ready), so its node goes idle and the
+  autoscaler can take it back before the run ends; from then on no actor is started.
 - Requests: with `max_actors` set, the run asks the autoscaler (`request_resources`) for
   min(max_actors, shards still to label) actors' worth (at least `min_actors`), one bundle
   per actor: {"GPU": 1} on a GPU cluster, else {"CPU": n} with n the CPUs of the CPU nodes
@@ -103,12 +104,22 @@ class Elastic:
             self.cpus_per_node = max(cpu_nodes)
         return alive
 
-    def openings(self, alive: list[dict[str, Any]], actors_on: Counter, total: int) -> list[str]:
+    def openings(
+        self,
+        alive: list[dict[str, Any]],
+        actors_on: Counter,
+        total: int,
+        work_left: bool = True,
+    ) -> list[str]:
         """Node ids that should get one more actor each (a node may appear several times).
 
         `actors_on` counts this pool's actors per node id, `total` all of them (also those
-        not placed yet); the result keeps the total within `max_actors`.
+        not placed yet); the result keeps the total within `max_actors`. With no work left to
+        hand out (`work_left` False: the listing is over and no shard waits) nothing grows: a
+        new actor would only start in order to be stopped.
         """
+        if not work_left:
+            return []
         room = None if self.max_actors is None else self.max_actors - total
         out: list[str] = []
         for node in sorted(alive, key=lambda n: n["NodeID"]):
@@ -122,6 +133,22 @@ class Elastic:
     def may_retire(self, actors: int) -> bool:
         """An idle actor may stop (nothing left to give it) while more than min_actors run."""
         return actors > self.min_actors
+
+    def retirees(self, actors: list[tuple[bool, int]]) -> list[int]:
+        """Which actors to stop once nothing is left to hand out, by index into `actors`.
+
+        `actors` gives (ready, shards in flight) per actor. Only idle ones stop, and only
+        while more than `min_actors` remain; those still starting go first, so the actors
+        kept are ones that can take a shard that fails and comes back.
+        """
+        left = len(actors)
+        out: list[int] = []
+        for index in sorted(range(len(actors)), key=lambda i: actors[i][0]):
+            ready, in_flight = actors[index]
+            if in_flight == 0 and self.may_retire(left):
+                out.append(index)
+                left -= 1
+        return out
 
     def wanted(self, queued: int, listing_done: bool) -> int:
         """Actors worth asking for: one per shard still to label, within the bounds."""

@@ -268,7 +268,8 @@ class ShardPool:
             if slot.plan.pinned and slot.plan.node_id not in by_id:
                 self._drop(slot, "its node left the cluster")
         actors_on = collections.Counter(slot.plan.node_id for slot in self.slots)
-        openings = elastic.openings(alive, actors_on, len(self.slots))
+        work_left = bool(pending) or not feed.done
+        openings = elastic.openings(alive, actors_on, len(self.slots), work_left)
         for node_id in openings:
             log.info("node %s has room: starting an actor there", node_id[:12])
             self.slots.append(self._start(node_plan(by_id[node_id], elastic.gpu_cluster)))
@@ -287,9 +288,9 @@ class ShardPool:
 
     def _retire_idle(self) -> None:
         """Nothing left to hand out: stop idle actors beyond min_actors (their nodes go idle)."""
-        for slot in list(self.slots):
-            if slot.in_flight == 0 and self.elastic.may_retire(len(self.slots)):
-                self._drop(slot, "no shard left for it")
+        states = [(slot.alive, slot.in_flight) for slot in self.slots]
+        for slot in [self.slots[i] for i in self.elastic.retirees(states)]:
+            self._drop(slot, "no shard left for it")
 
     def _drop(self, slot: _Slot, why: str) -> None:
         log.info("stopping the actor on node %s: %s", (slot.plan.node_id or "?")[:12], why)

@@ -94,6 +94,19 @@ def test_retiring_stops_at_min_actors_and_polls_follow_the_clock():
     assert elastic.due()
 
 
+def test_idle_actors_still_starting_stop_before_ready_ones_and_nothing_grows_after():
+    elastic = Elastic(min_actors=1, max_actors=3, request=None)
+    # (ready, shards in flight): the ready idle actor is kept, the starting one stops.
+    assert elastic.retirees([(True, 0), (False, 0)]) == [1]
+    assert elastic.retirees([(True, 0), (True, 1), (False, 0)]) == [2, 0]
+    assert elastic.retirees([(True, 2), (True, 1)]) == []  # busy actors never stop
+    assert Elastic(min_actors=0, request=None).retirees([(True, 0), (False, 0)]) == [1, 0]
+    # The listing is over and nothing waits: a node with room gets no actor any more.
+    alive = elastic.observe([node("a", 4), node("b", 4)])
+    assert elastic.openings(alive, Counter({"a": 1}), 1, work_left=False) == []
+    assert elastic.openings(alive, Counter({"a": 1}), 1, work_left=True) == ["b"]
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
