@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from models.backends import auto_measure
 from models.backends.calibration import synthetic_images
 from models.presets import timm_name
 
@@ -219,12 +220,19 @@ def gemm_ceiling(config, batch: int, kind: str, seconds: float, device: str) -> 
 
 
 def agreement(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
-    """Top-1 agreement, max softmax probability difference and logits cosine vs `reference`."""
+    """Top-1 agreement, max softmax probability difference and logits cosine vs `reference`.
+
+    `top1_agreement` is auto's (models.backends.auto_measure: a class fp32 has not decided
+    against counts), so the table's faithful rows are the ones auto could pick;
+    `top1_exact` is the plain argmax match, `decided_images` how many images fp32 decided.
+    """
     reference, logits = reference.float(), logits.float()
     cosine = F.cosine_similarity(logits, reference, dim=1)
     prob_diff = (torch.softmax(logits, 1) - torch.softmax(reference, 1)).abs().max()
     return {
-        "top1_agreement": float((logits.argmax(1) == reference.argmax(1)).float().mean()),
+        "top1_agreement": auto_measure.agreement(reference, logits)[0],
+        "top1_exact": float((logits.argmax(1) == reference.argmax(1)).float().mean()),
+        "decided_images": auto_measure.decided_images(reference),
         "max_prob_diff": float(prob_diff),
         "min_cosine": float(cosine.min()),
         "mean_cosine": float(cosine.mean()),

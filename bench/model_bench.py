@@ -96,6 +96,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
     )
     from models.backends import BackendError
     from models.backends.auto import resolve_device
+    from models.backends.auto_measure import TIE_PROB, decided_images
     from models.backends.hardware import cpu_info, gpu_info
     from models.backends.torch_helpers import configure_threads
     from models.checkpoints import resolve_model
@@ -137,6 +138,11 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
         options.notes.append(f"agreement on {len(images)} synthetic smooth-noise images")
     log(f"fp32 reference on {len(images)} inputs ...")
     reference = predict_all(model, images, 16)
+    options.notes.append(
+        f"fp32 decided {decided_images(reference)} of {len(images)} agreement images (its top "
+        f"probability {100 * TIE_PROB:.0f} points ahead of the next); top-1 agree counts a "
+        "class fp32 has not decided against, as auto does (top1_exact in the JSON: plain argmax)"
+    )
 
     results = []
     for backend, precision in pairs:
@@ -409,7 +415,8 @@ def format_markdown(report: dict) -> str:
         lines += [
             "",
             f"auto chose **{decision['chose']}** by measurement ({decision['source']}; "
-            f"agreement on {decision['calibration']}; {decision['measured_at']}):",
+            f"agreement on {decision['calibration']}{_decided(decision)}; "
+            f"{decision['measured_at']}):",
             "",
             "| candidate | img/s | top-1 agree | min cos | passed |",
             "|---|---:|---:|---:|---|",
@@ -435,6 +442,11 @@ def format_markdown(report: dict) -> str:
     if report.get("notes"):
         lines += ["", *[f"- {note}" for note in report["notes"]]]
     return "\n".join(lines)
+
+
+def _decided(decision: dict) -> str:
+    counts = {c.get("decided_images") for c in decision["candidates"]} - {None}
+    return f", fp32 decided {counts.pop()} of them" if len(counts) == 1 else ""
 
 
 def _fp8_runs(device: str) -> bool:

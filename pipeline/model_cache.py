@@ -1,5 +1,7 @@
 """Model weights named by an s3:// URI, downloaded once per node into a local cache.
 
+The calibration images beside the checkpoint (`auto` checks precisions on them) come along.
+
 Actors on the same node share one download: a file lock serializes them, and the file appears
 under its final name only when complete, so a crash mid-download never leaves a torn checkpoint.
 """
@@ -23,6 +25,7 @@ def local_model(spec: str, storage_options=None) -> str:
     if not spec.startswith("s3://"):
         return spec
     from models.backends.cache import file_lock
+    from models.backends.calibration import calibration_files
     from pipeline.storage import StorageError, open_storage
 
     storage = open_storage(spec, storage_options)
@@ -36,9 +39,18 @@ def local_model(spec: str, storage_options=None) -> str:
         return str(target)
     with file_lock(target):  # the other actors of this node wait here
         if not target.is_file():
-            partial = target.with_name(target.name + f".part-{os.getpid()}")
-            with storage.open(spec) as source, open(partial, "wb") as sink:
-                for chunk in iter(lambda: source.read(8 << 20), b""):
-                    sink.write(chunk)
-            partial.replace(target)
+            # The calibration images first: a complete checkpoint means both are there.
+            for name in calibration_files(target.name):
+                uri = storage.join(spec.rstrip("/").rsplit("/", 1)[0], name)
+                if storage.head(uri) is not None:
+                    _download(storage, uri, target.with_name(name))
+            _download(storage, spec, target)
     return str(target)
+
+
+def _download(storage, uri: str, target: Path) -> None:
+    partial = target.with_name(target.name + f".part-{os.getpid()}")
+    with storage.open(uri) as source, open(partial, "wb") as sink:
+        for chunk in iter(lambda: source.read(8 << 20), b""):
+            sink.write(chunk)
+    partial.replace(target)

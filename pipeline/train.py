@@ -7,8 +7,9 @@ prediction made while serving equals the one made here. Seeded and deterministic
 code and settings give the same weights on the same machine.
 
 Writes DIR/model.safetensors (models.checkpoints format: config, label names, preprocessing),
-DIR/eval.json (test accuracy and one prediction or error per test image) and DIR/train.json
-(settings, fingerprint of data and code, per-epoch history).
+DIR/eval.json (test accuracy and one prediction or error per test image), DIR/train.json
+(settings, fingerprint of data and code, per-epoch history) and DIR/calibration.npy (up to 100
+preprocessed test images, float16, for `auto`'s agreement check).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from pipeline.train_config import TrainConfig, TrainError
 
 MODEL_FILE = "model.safetensors"
 EVAL_FILE = "eval.json"
+# Held-out test images beside the model: `auto` checks reduced precisions against fp32 on
+# these (models.backends.auto_measure.check_images) instead of synthetic noise.
+CALIBRATION_FILE = "calibration.npy"
+CALIBRATION_IMAGES = 100
 TRAIN_FILE = "train.json"
 # The offline evaluation predicts like a labeling worker at its defaults: same predictor,
 # same batches (pipeline.run.RunConfig.batch_size), fp32.
@@ -364,6 +369,7 @@ def train(
         test_data = read_split(test_uri, model.preprocessing, options)
         _check_labels(test_data, len(label_names), test_uri)
         result = evaluate(model, test_data)
+    write_calibration(out / CALIBRATION_FILE, test_data.images)
     report = {
         "model": {"file": MODEL_FILE, "name": model.name, "sha256": sha256},
         "data_uri": test_uri,
@@ -421,6 +427,18 @@ def _check_labels(data: LabeledSplit, classes: int, uri: str) -> None:
             f"{uri}: shard {data.shards[i]} key {data.keys[i]}: label {int(data.labels[i])} "
             f"is out of range for {classes} classes"
         )
+
+
+def write_calibration(path: Path, images: torch.Tensor, count: int = CALIBRATION_IMAGES) -> None:
+    """Up to `count` images spread over `images` (every class of a sorted split), as float16."""
+    if not len(images):
+        return
+    picks = torch.linspace(0, len(images) - 1, min(count, len(images))).round().long().unique()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        np.save(f, images[picks].numpy().astype(np.float16), allow_pickle=False)
+    tmp.replace(path)
 
 
 def _write_json(path: Path, value: object) -> None:

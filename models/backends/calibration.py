@@ -12,6 +12,16 @@ import torch.nn.functional as F
 CALIBRATION_IMAGES = 32  # enough for stable per-tensor ranges; more only costs setup time
 
 
+def calibration_files(checkpoint_name: str) -> tuple[str, ...]:
+    """Names, beside a checkpoint, of the real images `auto` checks precisions on (first wins).
+
+    `mixer-label train` writes `calibration.npy`; `<stem>.calibration.npy` lets several
+    checkpoints share a folder.
+    """
+    stem = checkpoint_name.rsplit(".", 1)[0]
+    return (f"{stem}.calibration.npy", "calibration.npy")
+
+
 def synthetic_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
     """Smooth, image-like normalized inputs in [-1, 1]: upsampled low-resolution noise."""
     generator = torch.Generator().manual_seed(seed)

@@ -98,6 +98,8 @@ def test_agreement_of_identical_and_of_flipped_logits():
     same = agreement(reference, reference.clone())
     assert same == {
         "top1_agreement": 1.0,
+        "top1_exact": 1.0,
+        "decided_images": 4,
         "max_prob_diff": 0.0,
         "min_cosine": pytest.approx(1.0),
         "mean_cosine": pytest.approx(1.0),
@@ -105,7 +107,7 @@ def test_agreement_of_identical_and_of_flipped_logits():
     flipped = reference.clone()
     flipped[1] = torch.tensor([2.0, 0.0, 1.0])
     result = agreement(reference, flipped)
-    assert result["top1_agreement"] == 0.75
+    assert result["top1_agreement"] == result["top1_exact"] == 0.75
     assert result["max_prob_diff"] > 0.3 and result["min_cosine"] < 0.9
 
 

@@ -13,6 +13,7 @@ from models.backends.auto_measure import (
     Measurement,
     agreement,
     decide,
+    decided_images,
     decision_facts,
     decision_key,
     pick,
@@ -159,6 +160,46 @@ def test_fp32_ties_are_not_disagreements():
     assert agreement(reference, flipped_tie)[0] == 1.0
     flipped_clear = torch.tensor([[1.0, 5.0, 0.0, -1.0], [2.0, 1.9999, -3.0, 0.0]])
     assert agreement(reference, flipped_clear)[0] == 0.5
+
+
+def test_on_random_weights_no_label_is_decided_so_the_cosine_check_decides():
+    # A random-weight preset: 1000 logits close together, every probability near 0.001.
+    reference = 0.2 * torch.randn(64, 1000, generator=torch.Generator().manual_seed(0))
+    assert decided_images(reference) == 0
+    noisy = reference + 0.01 * torch.randn(64, 1000, generator=torch.Generator().manual_seed(1))
+    top1, cosine = agreement(reference, noisy)
+    assert (noisy.argmax(1) != reference.argmax(1)).any()  # plain argmax flips ...
+    assert top1 == 1.0 and cosine > 0.99  # ... between classes fp32 did not decide between
+    shuffled = reference[:, torch.randperm(1000, generator=torch.Generator().manual_seed(2))]
+    assert not Measurement("torch", "int8", 1.0, *agreement(reference, shuffled)).passed
+    # A decided image (one class well ahead) keeps its label strictly.
+    decided = torch.zeros(1, 1000)
+    decided[0, 3] = 8.0
+    assert decided_images(decided) == 1
+    assert agreement(decided, decided.roll(1, dims=1))[0] == 0.0
+
+
+def test_a_trained_model_is_checked_on_the_real_images_beside_it(tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from tests.models.demo_model import CHECKPOINT, trained_demo
+
+    _, images, _ = trained_demo()
+    checkpoint = tmp_path / "model" / CHECKPOINT.name
+    checkpoint.parent.mkdir()
+    shutil.copy(CHECKPOINT, checkpoint)
+    np.save(checkpoint.parent / "calibration.npy", images[::4].numpy().astype(np.float16))
+    predictor = create(str(checkpoint), device="cpu", batch_size=8, cache_dir=tmp_path / "cache")
+    decision = predictor.describe()["auto"]
+    assert decision["calibration"] == "calibration.npy"
+    ran = [c for c in decision["candidates"] if "error" not in c]
+    # Real digits: the trained model decides nearly every one, so top-1 is checked strictly,
+    # and a reduced precision still keeps its labels.
+    assert all(c["decided_images"] >= 0.9 * len(images[::4]) for c in ran)
+    reduced = [c for c in ran if c["precision"] != "fp32"]
+    assert not reduced or any(c["passed"] for c in reduced), decision["candidates"]
 
 
 def test_an_explicit_backend_or_precision_never_measures(tiny, monkeypatch):

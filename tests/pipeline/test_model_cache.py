@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from models.checkpoints import load_checkpoint, save_checkpoint
@@ -19,6 +21,11 @@ def test_s3_checkpoint_is_fetched_once_and_shared(s3_bucket, tmp_path, monkeypat
     sha256 = save_checkpoint(build_preset("tiny"), local)
     uri = f"s3://{s3_bucket}/models/tiny.safetensors"
     open_storage(uri).put_atomic(uri, local.read_bytes())
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((2, 3, 32, 32), np.float16), allow_pickle=False)
+    calibration = buffer.getvalue()
+    beside = f"s3://{s3_bucket}/models/calibration.npy"
+    open_storage(beside).put_atomic(beside, calibration)
 
     with ThreadPoolExecutor(4) as pool:  # four actors of one node asking at once
         paths = list(pool.map(lambda _: local_model(uri), range(4)))
@@ -29,6 +36,9 @@ def test_s3_checkpoint_is_fetched_once_and_shared(s3_bucket, tmp_path, monkeypat
     assert [p.name for p in path.parent.iterdir() if "part" in p.name] == []  # no torn files
     mtime = path.stat().st_mtime_ns
     assert local_model(uri) == str(path) and path.stat().st_mtime_ns == mtime  # not fetched again
+
+    # The calibration images beside it came along: auto checks precisions on them.
+    assert (path.parent / "calibration.npy").read_bytes() == calibration
 
     # A new upload under the same name is a new cache entry, never the stale file.
     save_checkpoint(build_preset("tiny", seed=1), local)

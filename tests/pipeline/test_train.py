@@ -109,3 +109,19 @@ def test_cli_names_a_missing_split(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.count("\n") == 0 and "no shards found" in err and str(tmp_path / "train") in err
+
+
+def test_training_leaves_held_out_calibration_images_that_auto_checks_against(trained):
+    from models.backends.auto_measure import check_images, decided_images
+    from pipeline.train import CALIBRATION_FILE
+
+    result, out = trained
+    model = load_checkpoint(out / MODEL_FILE)
+    images, source = check_images(model, out / MODEL_FILE)
+    assert source == CALIBRATION_FILE
+    test_images = result.eval["labeled_images"]
+    assert images.shape == (min(100, test_images), 3, 32, 32) and images.dtype == torch.float32
+    # They are real test digits (not noise): the trained model decides most of them.
+    with torch.inference_mode():
+        logits = model.eval()(images)
+    assert decided_images(logits) >= 0.8 * len(images)
