@@ -13,7 +13,8 @@ precision="auto")` measures instead:
    model on real images decides nearly every image, and its labels are checked strictly; a
    random-weight preset spreads its probability evenly over its classes (about 0.002 each of
    1000 for S/32) and decides none, so there the cosine check is what rejects a candidate.
-3. Each is timed for a few batches at the run's batch size; the fastest that passes wins.
+3. Each is timed at the run's batch size, on the check pass's own full batches (more only
+   where there are too few); the fastest that passes wins.
 
 The decision is cached under a key of everything it depends on (`decision_facts`: CPU model
 and flags or GPU name and compute capability, usable cores, torch / torchao / TensorRT /
@@ -52,7 +53,7 @@ TOP1_MIN = 0.99
 COSINE_MIN = 0.99
 TIE_PROB = 0.01  # classes within this probability of fp32's top one are its label too
 CHECK_IMAGES = 100  # synthetic calibration images: one disagreement leaves exactly 99%
-TIMED_BATCHES = 3  # after one warm-up batch; the median latency counts
+TIMED_BATCHES = 3  # at least, after one warm-up batch; the median latency counts
 DECISION_FORMAT = 2  # bump when what a decision means changes
 
 
@@ -340,15 +341,20 @@ def measurer(
     batch_size: int,
     build: Callable[[Choice], Predictor],
 ) -> Measurer:
-    """The real measurer: build each candidate, compare with fp32, time TIMED_BATCHES."""
+    """The real measurer: build each candidate, compare with fp32, time its batches.
+
+    The check images go through in batches of the run's size, and the full ones after the
+    first (a warm-up) are the timing, so measuring costs one pass over the check set per
+    candidate; only where that gives fewer than TIMED_BATCHES are more batches run.
+    """
     reference: dict[str, torch.Tensor] = {}
 
-    def predict_all(predictor: Predictor) -> torch.Tensor:
-        step = predictor.preferred_batch_size
-        with torch.inference_mode():
-            return torch.cat(
-                [predictor.predict(images[i : i + step]) for i in range(0, len(images), step)]
-            )
+    def timed(predictor: Predictor, batch: torch.Tensor, latencies: list[float]) -> torch.Tensor:
+        t = time.perf_counter()
+        logits = predictor.predict(batch)
+        if len(batch) == batch_size:
+            latencies.append(time.perf_counter() - t)
+        return logits
 
     def measure(choice: Choice) -> tuple[Measurement, Predictor | None]:
         result = Measurement(choice.backend, choice.precision)
@@ -358,24 +364,32 @@ def measurer(
             result.error = str(err).splitlines()[0][:200]
             return result, None
         result.engine = predictor.int8_engine
-        logits = predict_all(predictor)
-        if "logits" not in reference:  # fp32 comes first; without it, the eager model
-            if choice.precision == "fp32":
-                reference["logits"] = logits
-            else:
-                with torch.inference_mode():
+        latencies: list[float] = []
+        with torch.inference_mode():
+            logits = torch.cat(
+                [
+                    timed(predictor, images[i : i + batch_size], latencies)
+                    for i in range(0, len(images), batch_size)
+                ]
+            )
+            warmed = bool(latencies)
+            latencies = latencies[1:]  # the first full batch warmed up (compiled, allocated)
+            if len(latencies) < TIMED_BATCHES:
+                repeats = -(-batch_size // len(images))
+                batch = images.repeat(repeats, 1, 1, 1)[:batch_size].contiguous()
+                if not warmed:
+                    predictor.predict(batch)
+                while len(latencies) < TIMED_BATCHES:
+                    timed(predictor, batch, latencies)
+            if "logits" not in reference:  # fp32 comes first; without it, the eager model
+                if choice.precision == "fp32":
+                    reference["logits"] = logits
+                else:
                     reference["logits"] = torch.cat(
                         [model(images[i : i + 16]) for i in range(0, len(images), 16)]
                     )
         result.top1_agreement, result.min_cosine = agreement(reference["logits"], logits)
         result.decided_images = decided_images(reference["logits"])
-        batch = images.repeat(-(-batch_size // len(images)), 1, 1, 1)[:batch_size].contiguous()
-        predictor.predict(batch)  # warm-up
-        latencies = []
-        for _ in range(TIMED_BATCHES):
-            t = time.perf_counter()
-            predictor.predict(batch)
-            latencies.append(time.perf_counter() - t)
         result.images_per_s = batch_size / statistics.median(latencies)
         return result, predictor
 

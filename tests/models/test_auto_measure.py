@@ -237,3 +237,38 @@ def test_create_measures_once_then_reads_its_decision(tmp_path, monkeypatch):
     again = create("tiny", device="cpu", batch_size=8, cache_dir=tmp_path)
     assert again.auto_decision["source"] == "local"
     assert (again.name, again.precision) == (predictor.name, predictor.precision)
+
+
+class CountingPredictor:
+    """A real predictor that records the size of every batch it is given."""
+
+    def __init__(self, predictor) -> None:
+        self.predictor, self.batches = predictor, []
+
+    def predict(self, batch):
+        self.batches.append(len(batch))
+        return self.predictor.predict(batch)
+
+    def __getattr__(self, name):
+        return getattr(self.predictor, name)
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "expected"),
+    [
+        (16, [16] * 6 + [4]),  # one pass over the check set: 5 timed batches after a warm-up
+        (64, [64, 36, 64, 64, 64]),  # one full batch (the warm-up), then 3 more to time
+        (128, [100, 128, 128, 128, 128]),  # no full batch: a warm-up and 3 timed
+    ],
+)
+def test_the_check_pass_is_also_the_timing(tiny, batch_size, expected):
+    from models.backends.auto_measure import measurer
+    from models.backends.calibration import calibration_images
+
+    images = calibration_images(tiny.config, 100, seed=7)
+    counting = CountingPredictor(create(tiny, "torch", "fp32", "cpu", batch_size=batch_size))
+    measure = measurer(tiny, images, batch_size, lambda choice: counting)
+    result, predictor = measure(Choice("torch", "fp32", "cpu", "test"))
+    assert counting.batches == expected
+    assert predictor is counting and result.passed and result.images_per_s > 0
+    assert result.top1_agreement == 1.0 and result.decided_images is not None
