@@ -19,6 +19,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     info.add_argument("model", help="checkpoint file (.npz, .pth, .safetensors) or preset (B/16)")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    # `model info X -v` as well as `model -v info X`: SUPPRESS leaves the outer flag's value
+    # alone when this one is not given.
+    info.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="INFO logs too (as `model -v`)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -50,7 +50,7 @@ def test_every_option_is_described_and_shows_its_default(name):
             continue
         flag = action.option_strings[-1] if action.option_strings else action.dest
         assert action.help and action.help.strip(), f"{name}: {flag} has no description"
-        meaningful = action.default not in (None, False, True, "", [])
+        meaningful = action.default not in (None, False, True, "", [], argparse.SUPPRESS)
         if meaningful and action.option_strings:
             # What the help formatter will print for it (before %(default)s is filled in).
             shown = parser.formatter_class(prog=parser.prog)._get_help_string(action)
@@ -81,3 +81,16 @@ def test_help_comes_without_torch():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize(
+    ("argv", "verbose"),
+    [
+        (["model", "info", "tiny", "-v"], True),
+        (["model", "-v", "info", "tiny"], True),
+        (["model", "info", "tiny"], False),
+    ],
+)
+def test_verbose_is_taken_before_or_after_the_model_action(argv, verbose):
+    args = build_parser().parse_args(argv)
+    assert args.verbose is verbose and args.model == "tiny"
