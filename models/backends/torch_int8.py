@@ -67,13 +67,31 @@ def static_int8_available(load: bool = False) -> bool:
     if not load:
         return True
     try:
+        import_quantizer()
+    except Exception:  # missing, or built for another torch (ImportError, OSError, ...)
+        return False
+    return True
+
+
+def import_quantizer() -> None:
+    """Import torchao's PT2E quantizer without its start-up noise.
+
+    torchao warns at import about its CUDA-only kernels (`_C_mxfp8...so`) on a CPU build of
+    torch, and newer torch about how torchao registers an enum with the compiler; static int8
+    uses neither, so a user should not read them as failures.
+    """
+    noisy = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in noisy]
+    for logger in noisy:
+        logger.setLevel(logging.ERROR)
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
             import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
-    except Exception:  # missing, or built for another torch (ImportError, OSError, ...)
-        return False
-    return True
+    finally:
+        for logger, level in zip(noisy, levels, strict=True):
+            logger.setLevel(level)
 
 
 def static_int8_usable() -> bool:
@@ -120,6 +138,7 @@ def quantize_static(
 
     `model` itself is changed (GELU form) and its fp32 weights stay referenced only by it.
     """
+    import_quantizer()
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from models.backends import BackendError, create
 from models.backends.auto import choose
 from models.backends.calibration import blob_images, calibration_images
-from models.backends.hardware import CpuInfo, cpu_info
+from models.backends.hardware import CpuInfo, cpu_info, torchao_version
 from models.backends.torch_int8 import (
     ENGINE,
     quantize_static,
@@ -239,3 +239,14 @@ def test_quantized_graph_keeps_no_fp32_weights():
     int8 = [t for t in quantized.state_dict().values() if t.dtype == torch.int8]
     assert weights == [] and len(int8) == 2 + 4 * len(model.blocks)  # stem, head, 4 per block
     assert torchao.utils._assert_and_get_unique_device.cache_info().currsize == 0
+
+
+@pytest.mark.skipif(torchao_version() is None, reason="torchao is not installed here")
+def test_importing_the_quantizer_prints_nothing():
+    import subprocess
+
+    code = "from models.backends.torch_int8 import import_quantizer; import_quantizer()"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout == "" and done.stderr == "", done.stderr[-2000:]
