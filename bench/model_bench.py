@@ -418,8 +418,8 @@ def format_markdown(report: dict) -> str:
             f"agreement on {decision['calibration']}{_decided(decision)}; "
             f"{decision['measured_at']}):",
             "",
-            "| candidate | img/s | top-1 agree | min cos | passed |",
-            "|---|---:|---:|---:|---|",
+            "| candidate | img/s | top-1 agree | min cos | build s | check s | passed |",
+            "|---|---:|---:|---:|---:|---:|---|",
         ]
         for c in decision["candidates"]:
             name = f"{c['backend']} {c['precision']}" + (
@@ -428,7 +428,8 @@ def format_markdown(report: dict) -> str:
             passed = "yes" if c["passed"] else f"no{': ' + c['error'] if c.get('error') else ''}"
             lines.append(
                 f"| {name} | {c['images_per_s']:.1f} | {100 * c['top1_agreement']:.1f}% | "
-                f"{c['min_cosine']:.4f} | {passed} |"
+                f"{c['min_cosine']:.4f} | {c.get('build_s', 0):.0f} | {c.get('check_s', 0):.0f} | "
+                f"{passed} |"
             )
         against = report.get("auto_vs_fastest") or {}
         if against:

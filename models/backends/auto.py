@@ -117,7 +117,12 @@ def cpu_precision(cpu: CpuInfo, static_int8: bool = False) -> tuple[str, str]:
 
 def static_int8_runs(cpu: CpuInfo, runtimes: Runtimes, gflop: float | None) -> bool:
     """Static int8 (torch_int8.py) runs here: oneDNN's int8 engine, torchao, a compiler,
-    and a model big enough to be compiled at all (`gflop` per image; None: assume so)."""
+    and a model big enough to be compiled at all (`gflop` per image; None: assume so).
+
+    Without VNNI/AMX oneDNN's u8s8 GEMM goes through AVX2's pmaddubsw, whose int16 pair sums
+    saturate: faster than dynamic int8 but off fp32 by far more than auto's cosine check
+    allows (BENCHMARKS.md, Zen 3), so it is not worth building there as a candidate.
+    """
     big = gflop is None or gflop >= COMPILE_MIN_GFLOP
     return big and cpu.vnni and runtimes.torchao is not None and runtimes.compiler
 

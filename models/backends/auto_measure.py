@@ -67,6 +67,8 @@ class Measurement:
     top1_agreement: float = 0.0
     min_cosine: float = 0.0
     decided_images: int | None = None  # images where fp32's label is one class (see TIE_PROB)
+    build_s: float = 0.0  # creating the predictor (quantizing, compiling, loading a package)
+    check_s: float = 0.0  # the check pass and timing: what measuring adds to building
     error: str | None = None
     engine: str | None = None  # int8: which quantized path ran (static or dynamic)
 
@@ -81,6 +83,8 @@ class Measurement:
         data["passed"] = self.passed
         for name in ("images_per_s", "top1_agreement", "min_cosine"):
             data[name] = round(float(data[name]), 4)
+        for name in ("build_s", "check_s"):
+            data[name] = round(float(data[name]), 1)
         return {k: v for k, v in data.items() if v is not None}
 
     @classmethod
@@ -124,6 +128,7 @@ class Decision:
             "source": self.source,
             "calibration": self.calibration,
             "measured_at": self.measured_at,
+            "seconds": round(self.seconds, 1),
             "candidates": [m.to_dict() for m in self.measurements],
         }
 
@@ -358,11 +363,15 @@ def measurer(
 
     def measure(choice: Choice) -> tuple[Measurement, Predictor | None]:
         result = Measurement(choice.backend, choice.precision)
+        start = time.perf_counter()
         try:
             predictor = build(choice)
         except (BackendError, RuntimeError, ValueError) as err:
             result.error = str(err).splitlines()[0][:200]
             return result, None
+        finally:
+            result.build_s = time.perf_counter() - start
+        start = time.perf_counter()
         result.engine = predictor.int8_engine
         latencies: list[float] = []
         with torch.inference_mode():
@@ -391,6 +400,7 @@ def measurer(
         result.top1_agreement, result.min_cosine = agreement(reference["logits"], logits)
         result.decided_images = decided_images(reference["logits"])
         result.images_per_s = batch_size / statistics.median(latencies)
+        result.check_s = time.perf_counter() - start
         return result, predictor
 
     return measure

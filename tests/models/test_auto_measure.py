@@ -271,4 +271,5 @@ def test_the_check_pass_is_also_the_timing(tiny, batch_size, expected):
     result, predictor = measure(Choice("torch", "fp32", "cpu", "test"))
     assert counting.batches == expected
     assert predictor is counting and result.passed and result.images_per_s > 0
+    assert result.check_s > 0 and result.build_s >= 0
     assert result.top1_agreement == 1.0 and result.decided_images is not None
