@@ -21,35 +21,11 @@ import io
 import json
 import os
 import platform
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    """A moto S3 server on a free loopback port, and its endpoint URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return process, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.1)
-    process.terminate()
-    raise RuntimeError("moto server did not start (is moto[server] installed?)")
 
 
 def photo_like_jpeg(seed: int, width: int = 500, height: int = 375) -> bytes:
@@ -121,22 +97,30 @@ def checkpoint_file(spec: str) -> str:
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.local_servers import moto_server
+
+    args.model = checkpoint_file(args.model)
+    with contextlib.ExitStack() as stack:
+        endpoint = args.s3_endpoint_url
+        if endpoint is None:
+            endpoint = stack.enter_context(moto_server())
+            os.environ.update(
+                AWS_ACCESS_KEY_ID="bench",
+                AWS_SECRET_ACCESS_KEY="bench",
+                AWS_DEFAULT_REGION="us-east-1",
+                AWS_ENDPOINT_URL_S3=endpoint,
+            )
+        results = _bench_against(endpoint, args)
+    _ratios(results)
+    return results
+
+
+def _bench_against(endpoint: str, args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
     from pipeline.ray_quiet import quiet_ray
     from pipeline.storage import StorageOptions, open_storage
 
-    args.model = checkpoint_file(args.model)
-    moto = None
-    endpoint = args.s3_endpoint_url
-    if endpoint is None:
-        moto, endpoint = start_moto()
-        os.environ.update(
-            AWS_ACCESS_KEY_ID="bench",
-            AWS_SECRET_ACCESS_KEY="bench",
-            AWS_DEFAULT_REGION="us-east-1",
-            AWS_ENDPOINT_URL_S3=endpoint,
-        )
     results: dict[str, Any] = {"machine": _machine(), "args": vars(args)}
     try:
         from pipeline.storage.s3 import s3_client
@@ -165,10 +149,6 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        if moto is not None:
-            moto.terminate()
-            moto.wait(timeout=10)
-    _ratios(results)
     return results
 
 

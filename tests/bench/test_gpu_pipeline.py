@@ -60,3 +60,26 @@ def test_bench_pipeline_takes_decode_contenders_and_names_a_wrong_one():
     assert decode_modes(" device , device") == ["device"]
     with pytest.raises(SystemExit, match="--decode: expected auto, cpu or device"):
         decode_modes("cpu,gpu")
+
+
+@pytest.mark.slow
+def test_bench_pipeline_runs_end_to_end_on_its_own_s3_server(tmp_path):
+    # `make bench-pipeline`'s first command, small: its own moto (pipeline.local_servers), a
+    # local Ray, `mixer-label run`'s pipeline over the S3 API, and the model-only reference.
+    out = tmp_path / "bench-pipeline.json"
+    args = ["--model", "tiny", "--images", "16", "--images-per-shard", "8", "--batch-size", "8"]
+    args += ["--model-seconds", "0.2", "--repeat", "1", "--skip-raydata", "--decode", "cpu"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.pipeline_bench", *args, "--json", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    print(json.dumps({k: v for k, v in results.items() if k != "machine"}, default=str)[:1500])
+    assert results["ray_init_s"] > 0 and results["model_only"]["images_per_s"] > 0
+    run = results["pipeline_by_decode"]["cpu"]
+    assert run["images"] == 16 and run["errors"] == 0 and run["images_per_s"] > 0
