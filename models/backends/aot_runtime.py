@@ -14,13 +14,13 @@ import ctypes
 import logging
 import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
 from models.backends.base import BackendError
+from models.backends.cache import atomic_file
 
 log = logging.getLogger(__name__)
 MADV_DONTNEED = 4
@@ -66,14 +66,9 @@ def extract_library(package: Path) -> Path:
             return target
         for stale in package.parent.glob(f"{package.name}.*.so"):  # from an older package
             stale.unlink(missing_ok=True)
-        with (
-            tempfile.NamedTemporaryFile(dir=package.parent, prefix=".tmp-", delete=False) as f,
-            archive.open(member) as source,
-        ):
+        # atomic_file fsyncs: clean pages, which MADV_PAGEOUT can drop (AotModel); dirty ones not.
+        with atomic_file(target) as f, archive.open(member) as source:
             shutil.copyfileobj(source, f, 1 << 20)
-            f.flush()
-            os.fsync(f.fileno())  # clean pages: MADV_PAGEOUT cannot drop dirty ones (AotModel)
-    Path(f.name).replace(target)
     return target
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -52,12 +52,29 @@ class LocalCacheStore:
     def put(self, key: str, data: bytes) -> None:
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".tmp-", delete=False) as f:
+        with atomic_file(target) as f:
             f.write(data)
-        Path(f.name).replace(target)
 
     def __repr__(self) -> str:
         return f"LocalCacheStore({str(self.root)!r})"
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path) -> Iterator[BinaryIO]:
+    """A file that becomes `target` (fsynced, renamed) when the block ends without an error.
+
+    Opened like any new file, so it gets the umask's permissions: a cache several users or
+    services of one node share stays readable (tempfile's files are 0600).
+    """
+    partial = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(partial, "xb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

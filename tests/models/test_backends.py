@@ -283,3 +283,24 @@ def test_onnx_export_is_cached_by_weights_and_precision(tiny, tmp_path):
     other = build_preset("tiny", seed=1)
     assert export_cached(other, "fp32", tmp_path) != first
     assert export_cached(tiny, "fp16", tmp_path) != first
+
+
+def test_the_local_cache_writes_atomically_with_the_umask_permissions(tmp_path):
+    import os
+
+    from models.backends.cache import LocalCacheStore, atomic_file
+
+    store = LocalCacheStore(tmp_path)
+    old = os.umask(0o022)
+    try:
+        store.put("entry.json", b"{}")
+    finally:
+        os.umask(old)
+    assert store.get("entry.json") == b"{}"
+    # Readable by the other users and services of a node that share the cache (not 0600).
+    assert (tmp_path / "entry.json").stat().st_mode & 0o777 == 0o644
+    # A write that fails leaves the old entry and no partial file behind.
+    with pytest.raises(RuntimeError), atomic_file(tmp_path / "entry.json") as f:
+        f.write(b"torn")
+        raise RuntimeError("the build died")
+    assert store.get("entry.json") == b"{}" and sorted(os.listdir(tmp_path)) == ["entry.json"]
