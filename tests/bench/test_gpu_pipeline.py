@@ -26,20 +26,25 @@ runpy.run_path("bench/gpu_pipeline.py", run_name="__main__")
 """
 
 
-def test_the_gpu_pipeline_bench_runs_on_a_bare_python_with_device_and_cpu_decode(tmp_path):
-    pytest.importorskip("torchvision", reason="the dev extra installs torchvision")
-    out = tmp_path / "gpu-pipeline.json"
-    args = ["--model", "tiny", "--device", "cpu", "--images", "48", "--images-per-shard", "16"]
-    args += ["--batch-size", "16", "--model-seconds", "0.2", "--repeat", "1", "--stage-images", "8"]
-    args += ["--json", str(out)]
-    done = subprocess.run(
-        [sys.executable, "-c", _RUN.format(hidden=_HIDDEN), *args],
+def _python(*args: str) -> subprocess.CompletedProcess:
+    """This interpreter on `args` in the checkout, output captured."""
+    return subprocess.run(
+        [sys.executable, *args],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def test_the_gpu_pipeline_bench_runs_on_a_bare_python_with_device_and_cpu_decode(tmp_path):
+    pytest.importorskip("torchvision", reason="the dev extra installs torchvision")
+    out = tmp_path / "gpu-pipeline.json"
+    args = ["--model", "tiny", "--device", "cpu", "--images", "48", "--images-per-shard", "16"]
+    args += ["--batch-size", "16", "--model-seconds", "0.2", "--repeat", "1", "--stage-images", "8"]
+    args += ["--json", str(out)]
+    done = _python("-c", _RUN.format(hidden=_HIDDEN), *args)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
     for name in ("decode_device", "decode_cpu"):
@@ -69,14 +74,7 @@ def test_bench_pipeline_runs_end_to_end_on_its_own_s3_server(tmp_path):
     out = tmp_path / "bench-pipeline.json"
     args = ["--model", "tiny", "--images", "16", "--images-per-shard", "8", "--batch-size", "8"]
     args += ["--model-seconds", "0.2", "--repeat", "1", "--skip-raydata", "--decode", "cpu"]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.pipeline_bench", *args, "--json", str(out)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = _python("-m", "bench.pipeline_bench", *args, "--json", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
     print(json.dumps({k: v for k, v in results.items() if k != "machine"}, default=str)[:1500])
