@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import uuid
 from collections.abc import Iterator
@@ -78,9 +79,10 @@ class LocalStorage(Storage):
 
     def open(self, uri: str) -> BinaryIO:
         try:
-            return open(self._path(uri), "rb", buffering=STREAM_BUFFER)
+            raw = open(self._path(uri), "rb", buffering=0)  # noqa: SIM115 (the reader closes it)
         except OSError as err:
             raise _local_error(uri, err, "cannot read") from None
+        return io.BufferedReader(_StorageErrorsOnRead(raw, uri), STREAM_BUFFER)
 
     def head(self, uri: str) -> ObjectInfo | None:
         """Info from os.stat; the ETag is size + mtime_ns.
@@ -123,6 +125,40 @@ class LocalStorage(Storage):
 
 def _local_etag(st: os.stat_result) -> str:
     return f"{st.st_size:x}-{st.st_mtime_ns:x}"
+
+
+class _StorageErrorsOnRead(io.RawIOBase):
+    """A file whose read errors (EIO from a failing disk or mount) are StorageErrors.
+
+    Readers of a stream (tar, gzip, Pillow) take an OSError for broken data and say so in an
+    image's row; a disk that fails to read is the storage's failure, so the shard fails and
+    is retried instead, as an S3 read past its budget does.
+    """
+
+    def __init__(self, raw: io.FileIO, uri: str) -> None:
+        self._raw, self._uri = raw, uri
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self._raw.seekable()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def readinto(self, buffer) -> int:
+        try:
+            return self._raw.readinto(buffer)
+        except OSError as err:
+            raise _local_error(self._uri, err, "cannot read") from None
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 def _local_error(uri: str, err: OSError, action: str) -> StorageError:

@@ -323,3 +323,14 @@ def test_list_shards_streams_while_listing(s3_server, s3_bucket):
     first = next(shards)
     assert first.name == "shard-000000" and len(calls) == 1  # the listing has 3 more pages
     assert len(list(shards)) == 34 and len(calls) == 4
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="needs Linux's /proc/self/mem")
+def test_a_local_disk_read_error_fails_the_shard_instead_of_becoming_a_row():
+    from pipeline.storage import StorageError, open_storage
+
+    # Reading /proc/self/mem at offset 0 fails with a real EIO, as a failing disk does.
+    storage = open_storage("/proc/self")
+    shard = Shard("/proc/self/mem", "mem", "etag", 1 << 20, "tar")
+    with pytest.raises(StorageError, match=r"/proc/self/mem: cannot read: Input/output error"):
+        list(read_records(storage, shard))
