@@ -30,21 +30,7 @@ def test_removing_a_node_mid_run_still_gives_complete_output(s3_server, s3_bucke
     keys = imagegen.write_tar_shards(
         storage, f"s3://{s3_bucket}/in", shards=10, images_per_shard=10, size=(320, 240)
     )
-    model = tmp_path / "tiny.safetensors"
-    save_checkpoint(build_preset("tiny"), model)
-    script = REPO / "tests" / "pipeline" / "cluster_scenario.py"
-    args = [f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", str(model), "2024-05-02"]
-    done = subprocess.run(
-        [sys.executable, str(script), *args],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, done.stderr[-3000:]
-    report = json.loads(lines[-1][len("RESULT ") :])
+    report = _scenario("cluster_scenario.py", s3_bucket, tmp_path)
     summary = report["summary"]
     assert summary["shards_failed"] == 0 and summary["shards_done"] == 10
     assert summary["actors"] == 2
@@ -54,11 +40,37 @@ def test_removing_a_node_mid_run_still_gives_complete_output(s3_server, s3_bucke
     # The lost node labels nothing more; what it held was labeled again on the other one.
     assert later and all(s["node"] != lost["node"] for s in later)
     assert max(s["attempts"] for s in later) >= 2
-    rows = []
-    for info in storage.list(f"s3://{s3_bucket}/out"):
-        if info.uri.endswith(".parquet"):
-            rows += pq.read_table(io.BytesIO(storage.get(info.uri))).column("key").to_pylist()
+    rows = [
+        key for table in _outputs(storage, s3_bucket) for key in table.column("key").to_pylist()
+    ]
     assert Counter(rows) == Counter(keys)
+
+
+def _scenario(script: str, s3_bucket: str, tmp_path: Path, *extra: str) -> dict:
+    """Run tests/pipeline/SCRIPT on s3_bucket's in/ with a tiny model; its RESULT report."""
+    model = tmp_path / "tiny.safetensors"
+    save_checkpoint(build_preset("tiny"), model)
+    args = [f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", str(model), "2024-05-02", *extra]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "pipeline" / script), *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def _outputs(storage, s3_bucket: str) -> list:
+    """Every Parquet file the run wrote under out/, as pyarrow tables."""
+    return [
+        pq.read_table(io.BytesIO(storage.get(info.uri)))
+        for info in storage.list(f"s3://{s3_bucket}/out")
+        if info.uri.endswith(".parquet")
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -75,21 +87,7 @@ def test_the_pool_grows_onto_a_node_that_joins_within_max_actors(s3_server, s3_b
     keys = imagegen.write_tar_shards(
         storage, f"s3://{s3_bucket}/in", shards=10, images_per_shard=4, size=(64, 48)
     )
-    model = tmp_path / "tiny.safetensors"
-    save_checkpoint(build_preset("tiny"), model)
-    script = REPO / "tests" / "pipeline" / "elastic_scenario.py"
-    args = [f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", str(model), "2024-05-02"]
-    done = subprocess.run(
-        [sys.executable, str(script), *args],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, done.stderr[-3000:]
-    report = json.loads(lines[-1][len("RESULT ") :])
+    report = _scenario("elastic_scenario.py", s3_bucket, tmp_path)
     summary, first, added = report["summary"], report["first_node"], report["added"]
     assert summary["shards_failed"] == 0 and summary["shards_done"] == 10
     # One actor joined, on one of the two new nodes: max_actors=2 held.
@@ -114,13 +112,11 @@ def test_the_pool_grows_onto_a_node_that_joins_within_max_actors(s3_server, s3_b
         assert report["kv_after"][-1] == []
     # Every image exactly once; each file names the node and device that labeled it.
     rows, per_node = [], Counter()
-    for info in storage.list(f"s3://{s3_bucket}/out"):
-        if info.uri.endswith(".parquet"):
-            table = pq.read_table(io.BytesIO(storage.get(info.uri)))
-            rows += table.column("key").to_pylist()
-            metadata = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
-            per_node[metadata["worker_node"]] += 1
-            assert metadata["worker_device"]
+    for table in _outputs(storage, s3_bucket):
+        rows += table.column("key").to_pylist()
+        metadata = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+        per_node[metadata["worker_node"]] += 1
+        assert metadata["worker_device"]
     assert Counter(rows) == Counter(keys)
     assert dict(per_node) == summary["nodes"]
 
@@ -133,29 +129,14 @@ def test_a_run_on_a_cluster_with_no_worker_waits_for_the_node_it_asked_for(
     keys = imagegen.write_tar_shards(
         storage, f"s3://{s3_bucket}/in", shards=4, images_per_shard=3, size=(64, 48)
     )
-    model = tmp_path / "tiny.safetensors"
-    save_checkpoint(build_preset("tiny"), model)
-    script = REPO / "tests" / "pipeline" / "elastic_scenario.py"
-    args = [f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", str(model), "2024-05-02", "zero"]
-    done = subprocess.run(
-        [sys.executable, str(script), *args],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, done.stderr[-3000:]
-    report = json.loads(lines[-1][len("RESULT ") :])
+    report = _scenario("elastic_scenario.py", s3_bucket, tmp_path, "zero")
     summary, (added,) = report["summary"], report["added"]
     assert summary["shards_done"] == 4 and summary["shards_failed"] == 0
     assert summary["nodes"] == {added: 4}  # everything on the node that joined for the run
     history = summary["pool_history"]
     assert history[0]["actors"] == 0 and max(h["actors"] for h in history) == 1
     assert report["requests"][0] == 2 and report["requests"][-1] == 0
-    rows = []
-    for info in storage.list(f"s3://{s3_bucket}/out"):
-        if info.uri.endswith(".parquet"):
-            rows += pq.read_table(io.BytesIO(storage.get(info.uri))).column("key").to_pylist()
+    rows = [
+        key for table in _outputs(storage, s3_bucket) for key in table.column("key").to_pylist()
+    ]
     assert Counter(rows) == Counter(keys)

@@ -52,22 +52,27 @@ def _rows(bucket: str, out: str) -> list[dict]:
     return rows
 
 
+def _config(bucket: str, model: str, endpoint_url: str, **settings) -> RunConfig:
+    """in/ -> out/ of `bucket` through `endpoint_url` (the proxy), small batches and shards."""
+    return RunConfig(
+        f"s3://{bucket}/in",
+        f"s3://{bucket}/out",
+        model,
+        date=DATE,
+        batch_size=4,
+        images_per_shard=8,
+        s3_endpoint_url=endpoint_url,
+        **settings,
+    )
+
+
 def test_every_image_exactly_once_through_20_percent_faults_and_a_startup_burst(
     ray_local, s3_server, s3_bucket, tiny_model
 ):
     keys = _inputs(s3_bucket)
     with FaultProxy(s3_server.endpoint_url, rate=0.2, faults=FAULTS, seed=3) as proxy:
         proxy.burst(3.0, ("slowdown", "internal"))  # the pre-flight meets a wall of errors
-        config = RunConfig(
-            f"s3://{s3_bucket}/in",
-            f"s3://{s3_bucket}/out",
-            tiny_model,
-            date=DATE,
-            batch_size=4,
-            images_per_shard=8,
-            s3_endpoint_url=proxy.endpoint_url,
-            storage_retry_s=20,
-        )
+        config = _config(s3_bucket, tiny_model, proxy.endpoint_url, storage_retry_s=20)
         summary = run_labeling(config)
         injected = {k: v for k, v in proxy.counts.items() if k != "requests"}
     print(f"{proxy.counts['requests']} requests, faults {injected}")
@@ -94,16 +99,8 @@ def test_an_outage_past_the_budget_fails_its_shard_honestly_then_a_rerun_complet
 
     with FaultProxy(s3_server.endpoint_url, seed=4, matches=tar_reads) as proxy:
         proxy.burst(600, ("internal",))  # the tar stays unreadable for longer than the budget
-        config = RunConfig(
-            f"s3://{s3_bucket}/in",
-            f"s3://{s3_bucket}/out",
-            tiny_model,
-            date=DATE,
-            batch_size=4,
-            images_per_shard=8,
-            s3_endpoint_url=proxy.endpoint_url,
-            storage_retry_s=1.5,
-            max_attempts=2,
+        config = _config(
+            s3_bucket, tiny_model, proxy.endpoint_url, storage_retry_s=1.5, max_attempts=2
         )
         summary = run_labeling(config)
     assert summary.shards_failed == 1 and not summary.ok
