@@ -9,7 +9,6 @@ under its final name only when complete, so a crash mid-download never leaves a 
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 
@@ -49,8 +48,8 @@ def local_model(spec: str, storage_options=None) -> str:
 
 
 def _download(storage, uri: str, target: Path) -> None:
-    partial = target.with_name(target.name + f".part-{os.getpid()}")
-    with storage.open(uri) as source, open(partial, "wb") as sink:
+    from models.backends.cache import atomic_file
+
+    with storage.open(uri) as source, atomic_file(target) as sink:
         for chunk in iter(lambda: source.read(8 << 20), b""):
             sink.write(chunk)
-    partial.replace(target)

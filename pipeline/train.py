@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.backends.cache import atomic_file
 from models.mixer import MlpMixer, preset_config
 from models.preprocessing import Preprocessing
 from pipeline.train_config import TrainConfig, TrainError
@@ -435,14 +436,11 @@ def write_calibration(path: Path, images: torch.Tensor, count: int = CALIBRATION
         return
     picks = torch.linspace(0, len(images) - 1, min(count, len(images))).round().long().unique()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
+    with atomic_file(path) as f:
         np.save(f, images[picks].numpy().astype(np.float16), allow_pickle=False)
-    tmp.replace(path)
 
 
 def _write_json(path: Path, value: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    tmp.replace(path)
+    with atomic_file(path) as f:
+        f.write((json.dumps(value, indent=2) + "\n").encode())
